@@ -1,0 +1,46 @@
+# compolab — two commands from a fresh clone:  `make test`  and  `make reproduce`.
+# Both create .venv when it is missing and install the kit into it (offline-safe: no weights or
+# data are downloaded; the tiny preset's backbone ships inside the package).
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.compolab-installed
+NBOPTS := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
+
+.PHONY: install test lint unit notebooks reproduce pretrain figures clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -c "import torch, torchvision, timm, compolab; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(BIN)/ruff check compolab tests
+
+## Unit tests and every notebook under nbval, in one pytest run (the CI command).
+test: install lint
+	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) tests notebooks
+
+unit: install
+	TQDM_DISABLE=1 $(BIN)/pytest tests
+
+notebooks: install
+	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) notebooks
+
+## Regenerate the world, the probe table and every notebook's outputs and figures (tiny preset).
+reproduce: install
+	$(BIN)/compolab world --time 50000 --json --no-progress
+	$(BIN)/compolab world --probe --json --no-progress
+	TQDM_DISABLE=1 COMPOLAB_FIGURES_DIR=$(CURDIR)/figures $(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+
+## Rebuild the tiny ViT from scratch (≈ 10 min on 2 CPU cores) into runs/pretrain/, then probe it.
+pretrain: install
+	$(BIN)/compolab pretrain --out runs/pretrain/tiny_vit --force --json
+	$(BIN)/compolab world --probe --checkpoint runs/pretrain/tiny_vit.safetensors --json --no-progress
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

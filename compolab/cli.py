@@ -1,0 +1,282 @@
+"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``bench``.
+
+Every bad input ends with one line ``compolab: error: ...`` on stderr and exit status 2, before
+any work starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from compolab.errors import CompolabError, ConfigError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, like the kit's own."""
+
+    def error(self, message: str):  # noqa: D102
+        raise ConfigError(message)
+
+
+def _positive(kind: type):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def _emit(result: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key}: {value}")
+
+
+# --------------------------------------------------------------------------- world
+
+
+def _cmd_world(args: argparse.Namespace) -> None:
+    from compolab.config import get_preset
+    from compolab.world import world_split
+
+    preset = get_preset(args.preset)
+    if preset.name != "tiny":
+        raise ConfigError("`compolab world` is the tiny preset's data; use `compolab data` for paper")
+    split = world_split(seed=args.seed)
+    result: dict = {
+        "pretrain_classes": len(split.pretrain),
+        "downstream_classes": len(split.downstream),
+    }
+    if args.time:
+        from compolab.world import generate
+
+        t0 = time.perf_counter()
+        generate(split.pretrain, args.time, seed=args.seed, size=args.size)
+        seconds = time.perf_counter() - t0
+        result.update(generated=args.time, seconds=round(seconds, 2),
+                      images_per_s=round(args.time / seconds))  # fmt: skip
+    if args.probe:
+        import torch
+
+        from compolab.linear_probe import probe_accuracy
+        from compolab.models import BackboneSpec, load_backbone, make_backbone
+        from compolab.pretrain import probe_datasets
+
+        shipped, card = load_backbone(args.checkpoint)
+        train, test, n_cls = probe_datasets(args.seed, shipped.patch_embed.img_size[0])
+        torch.manual_seed(args.seed)
+        random_init = make_backbone(BackboneSpec(**card["backbone"]))
+        acc_shipped = probe_accuracy(shipped, train, test, n_cls, progress=args.progress)
+        acc_random = probe_accuracy(random_init, train, test, n_cls, progress=args.progress)
+        result.update(shipped=round(acc_shipped, 2), random_init=round(acc_random, 2),
+                      gap=round(acc_shipped - acc_random, 2), num_classes=n_cls,
+                      checkpoint=str(args.checkpoint or "shipped"))  # fmt: skip
+    _emit(result, args.json)
+
+
+# --------------------------------------------------------------------------- pretrain
+
+
+def _cmd_pretrain(args: argparse.Namespace) -> None:
+    from compolab.pretrain import PretrainConfig, pretrain
+
+    cfg = PretrainConfig(steps=args.steps, seed=args.seed)
+    out = Path(args.out).with_suffix(".safetensors")
+    if out.exists() and not args.force:
+        raise ConfigError(f"{out} exists; pass --force to overwrite it or choose another --out")
+    _, card = pretrain(cfg, out=out, probe=True, progress=args.progress)
+    result = {k: v for k, v in card.items() if k not in ("history", "pretrain")}
+    result["out"] = str(out)
+    _emit(result, args.json)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _cmd_data(args: argparse.Namespace) -> None:
+    from compolab.config import get_preset, load_benchmark_for
+
+    overrides = {"data_root": args.root} if args.root else {}
+    preset = get_preset(args.preset, **overrides)
+    bench = load_benchmark_for(preset, args.dataset, download=args.download)
+    result = {
+        "name": bench.name,
+        "num_tasks": bench.num_tasks,
+        "num_classes": bench.num_classes,
+        "offsets": bench.offsets,
+        "train_sizes": [len(t.train) for t in bench.tasks],
+        "test_sizes": [len(t.test) for t in bench.tasks],
+    }
+    _emit(result, args.json)
+
+
+# --------------------------------------------------------------------------- train
+
+
+def _ids(text: str | None, flag: str) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        return [int(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated task ids like 0,2,3; got {text!r}") from None
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(x) for x in text.split(",") if x.strip() != ""]
+    except ValueError:
+        raise ConfigError(f"{flag} expects comma-separated numbers like 0.5,0.5; got {text!r}") from None
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from compolab.run import run, run_config
+
+    cfg = run_config(
+        args.method, args.tuning, preset=args.preset, dataset=args.dataset, alpha=args.alpha,
+        beta=args.beta, ablation=args.ablation, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, rank=args.rank, seed=args.seed,
+    )
+    results = run(cfg, args.out, resume=args.resume, progress=args.progress)
+    summary = {k: results[k] for k in ("final_accuracy", "accuracy_matrix", "task_seconds")}
+    summary["out"] = str(args.out)
+    _emit(summary, args.json)
+
+
+# --------------------------------------------------------------------------- compose
+
+
+def _cmd_compose(args: argparse.Namespace) -> None:
+    from compolab.editing import compose_pool, plan_composition
+    from compolab.evaluate import evaluate_tasks, final_average
+    from compolab.pool import Pool
+    from compolab.run import open_pool_world
+
+    pool = Pool.open(args.pool)
+    plan = plan_composition(
+        pool.tasks(), tasks=_ids(args.tasks, "--tasks"), drop=_ids(args.drop, "--drop") or (),
+        coefs=_floats(args.weights, "--weights"), negate=_ids(args.negate, "--negate") or (),
+        negate_coef=args.negate_coef,
+    )
+    backbone, theta0, bench = open_pool_world(pool, load_data=args.eval)
+    sha = pool.manifest["theta0_sha256"]
+    entries = {t: pool.load(t, theta0_sha256=sha) for t in plan.tasks + plan.negated}
+    model, head = compose_pool(backbone, theta0, entries, plan)
+    result: dict = {"composition": plan.describe(), "num_classes": len(head.global_labels)}
+    if args.eval:
+        acc = evaluate_tasks(model, head, bench, plan.tasks, progress=args.progress)
+        result["per_task_accuracy"] = {str(t): round(a, 2) for t, a in acc.items()}
+        result["average_accuracy"] = round(final_average(acc), 2)
+    _emit(result, args.json)
+
+
+# --------------------------------------------------------------------------- bench
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from compolab import bench
+
+    fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher}[args.what]
+    _emit(fn(), args.json)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``compolab`` command."""
+    parser = _Parser(prog="compolab", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    common = _Parser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print one JSON object")
+    common.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="hide progress bars")  # fmt: skip
+    common.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("world", parents=[common], help="the tiny world: split, timing, probe")
+    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--probe", action="store_true",
+                   help="linear probe on the downstream classes: shipped vs random-init backbone")
+    p.add_argument("--checkpoint", default=None, help="probe this checkpoint instead of the shipped")
+    p.add_argument("--time", type=_positive(int), default=0, metavar="N",
+                   help="generate N pre-training images and report the speed")
+    p.add_argument("--size", type=_positive(int), default=32, help="image side in pixels")
+    p.set_defaults(func=_cmd_world)
+
+    p = sub.add_parser("pretrain", parents=[common], help="pre-train the tiny ViT (θ0 of tiny)")
+    p.add_argument("--out", default="runs/pretrain/tiny_vit",
+                   help="output path (.safetensors + .json); default runs/pretrain/tiny_vit")
+    p.add_argument("--steps", type=_positive(int), default=2400)
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=_cmd_pretrain)
+
+    p = sub.add_parser("data", parents=[common], help="describe a class-incremental benchmark")
+    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--dataset", default=None, help="tiny, cifar100, imagenet-r, cub200, ...")
+    p.add_argument("--root", default=None, help="folder of the real datasets ($COMPOLAB_DATA)")
+    p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-100")
+    p.set_defaults(func=_cmd_data)
+
+    p = sub.add_parser("train", parents=[common], help="train a method on a class-incremental benchmark")
+    p.add_argument("--method", required=True, help="ita, iel, seq, naive, ewc, joint or tmc")
+    p.add_argument("--tuning", default="lora", help="full, lora or ia3")
+    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--dataset", default=None, help="benchmark; default: the preset's")
+    p.add_argument("--alpha", type=float, default=None, help="alpha of ITA (Eq. 11)")
+    p.add_argument("--beta", type=float, default=None, help="beta of IEL (Eq. 18/19)")
+    p.add_argument("--ablation", default="none", help="none, no-reg or cls-only")
+    p.add_argument("--epochs", type=_positive(int), default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--batch-size", type=_positive(int), default=None)
+    p.add_argument("--rank", type=_positive(int), default=None, help="LoRA rank r")
+    p.add_argument("--out", required=True, help="run folder (pool/, results.json, log.txt)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("compose", parents=[common], help="compose / unlearn / specialize a pool")
+    p.add_argument("--pool", required=True, help="pool folder (a run's pool/)")
+    p.add_argument("--tasks", default=None, help="compose only these tasks, e.g. 0,2,3")
+    p.add_argument("--drop", default=None, help="leave these tasks out (unlearning)")
+    p.add_argument("--negate", default=None, help="subtract these tasks' modules (unlearning)")
+    p.add_argument("--negate-coef", type=float, default=1.0, help="lambda of the negated tasks")
+    p.add_argument("--weights", default=None, help="weights of the composed tasks, e.g. 0.5,0.5")
+    p.add_argument("--eval", action="store_true", help="accuracy on the pool's benchmark")
+    p.set_defaults(func=_cmd_compose)
+
+    p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
+    p.add_argument("what", choices=["compose", "fisher"])
+    p.set_defaults(func=_cmd_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status."""
+    try:
+        args = build_parser().parse_args(argv)
+        args.func(args)
+    except CompolabError as e:
+        print(f"compolab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("compolab: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Backbones through timm: the paper's ViT-B/16 and the tiny preset's conv-stem ViT.
+
+The transformer blocks are always timm's own ``VisionTransformer`` blocks: that is where the
+modules live (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every block). The tiny ViT
+only swaps the linear patch projection for a small convolutional stem: on the tiny world a plain
+patch embedding stays at chance for hundreds of CPU steps, while the conv stem learns at once
+(``shared/guides/offline_assets.md`` §4).
+
+A backbone maps images to features: the CLS token after the final LayerNorm (``num_classes=0``),
+as in the paper's code. Classification heads are separate modules (``compolab.heads``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from compolab.errors import CompolabError, ConfigError
+
+__all__ = [
+    "BackboneSpec",
+    "TINY_VIT",
+    "PAPER_VIT",
+    "conv_stem",
+    "make_backbone",
+    "load_backbone",
+    "shipped_checkpoint",
+    "fingerprint",
+    "tuned_weight_names",
+]
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Shape of a backbone; a frozen value that is stored in every checkpoint card.
+
+    Attributes:
+        timm_name: A timm model name (``vit_base_patch16_224.augreg_in21k``) or ``"conv_stem_vit"``
+            for the tiny preset's ViT, built from timm's ``VisionTransformer``.
+        img_size: Input side in pixels.
+        patch_size: Token stride in pixels (the conv stem's total stride for the tiny ViT).
+        embed_dim: Token width.
+        depth: Number of transformer blocks.
+        num_heads: Attention heads per block.
+    """
+
+    timm_name: str = "conv_stem_vit"
+    img_size: int = 32
+    patch_size: int = 8
+    embed_dim: int = 128
+    depth: int = 6
+    num_heads: int = 4
+
+    def __post_init__(self) -> None:
+        for field in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, field) <= 0:
+                raise ConfigError(f"BackboneSpec.{field} must be > 0, got {getattr(self, field)}")
+        if self.embed_dim % self.num_heads:
+            raise ConfigError("BackboneSpec.embed_dim must be a multiple of num_heads")
+
+
+#: The tiny preset's backbone: conv-stem ViT, d=128, 6 blocks, 4 heads, 16 tokens at 32 px.
+TINY_VIT = BackboneSpec()
+#: The paper's backbone: ViT-B/16 with supervised ImageNet-21k (AugReg) pre-training.
+PAPER_VIT = BackboneSpec(
+    timm_name="vit_base_patch16_224.augreg_in21k",
+    img_size=224,
+    patch_size=16,
+    embed_dim=768,
+    depth=12,
+    num_heads=12,
+)
+
+
+def conv_stem(embed_dim: int, stride: int) -> nn.Sequential:
+    """Convolutional replacement of a ViT's linear patch projection.
+
+    3×3 convolutions: 3 → 32 (stride 1) then stride-2 layers up to ``embed_dim``, so the token grid
+    is ``img_size / stride`` per side. All but the last layer are conv + BatchNorm + ReLU.
+
+    Args:
+        embed_dim: Output channels (the ViT width).
+        stride: Total stride, a power of two ≥ 2.
+
+    Returns:
+        The stem, mapping ``(B, 3, H, W)`` to ``(B, embed_dim, H / stride, W / stride)``.
+    """
+    if stride < 2 or stride & (stride - 1):
+        raise ConfigError(f"conv stem stride must be a power of two >= 2, got {stride}")
+    n_down = stride.bit_length() - 1
+    widths = [32, 64, 96, 128, 160][: n_down]
+    layers: list[nn.Module] = []
+    c_in = 3
+    for i, w in enumerate(widths):
+        layers += [
+            nn.Conv2d(c_in, w, 3, stride=1 if i == 0 else 2, padding=1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+        ]
+        c_in = w
+    layers.append(nn.Conv2d(c_in, embed_dim, 3, stride=2, padding=1))
+    return nn.Sequential(*layers)
+
+
+def make_backbone(spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False) -> nn.Module:
+    """Build a backbone (features only, ``num_classes=0``) from its spec.
+
+    Args:
+        spec: The shape.
+        pretrained: For a timm name, ask timm for its pre-trained weights (this **downloads**; only
+            the paper preset does it). For the tiny ViT it must be False: use :func:`load_backbone`
+            for the shipped checkpoint.
+
+    Returns:
+        A timm ``VisionTransformer`` in eval mode whose ``forward`` returns CLS features.
+    """
+    import timm
+    from timm.models.vision_transformer import VisionTransformer
+
+    if spec.timm_name == "conv_stem_vit":
+        if pretrained:
+            raise ConfigError("the tiny ViT has no timm weights: use load_backbone() instead")
+        model = VisionTransformer(
+            img_size=spec.img_size,
+            patch_size=spec.patch_size,
+            num_classes=0,
+            embed_dim=spec.embed_dim,
+            depth=spec.depth,
+            num_heads=spec.num_heads,
+        )
+        model.patch_embed.proj = conv_stem(spec.embed_dim, spec.patch_size)
+    else:
+        model = timm.create_model(
+            spec.timm_name, pretrained=pretrained, num_classes=0, img_size=spec.img_size
+        )
+    return model.eval()
+
+
+def tuned_weight_names(model: nn.Module) -> list[str]:
+    """Names of the weights a module tunes: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
+
+    Taken from the model itself (every block, whatever the depth), never from a layer count.
+    """
+    suffixes = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
+    return [n for n, _ in model.named_parameters() if n.startswith("blocks.") and n.endswith(suffixes)]
+
+
+def fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
+    """sha256 of a model's parameters and buffers (names, shapes, dtypes and bytes), in name order."""
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().cpu().contiguous()
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def shipped_checkpoint() -> Path:
+    """Path of the tiny ViT checkpoint shipped inside the package."""
+    return Path(str(resources.files("compolab") / "assets" / "tiny_vit.safetensors"))
+
+
+def load_backbone(path: str | Path | None = None) -> tuple[nn.Module, dict]:
+    """Load a backbone checkpoint: safetensors weights plus the JSON card beside it.
+
+    Args:
+        path: A ``.safetensors`` file written by ``compolab pretrain``; default: the shipped one.
+
+    Returns:
+        ``(model, card)``: the backbone in eval mode and its card (spec, data seed, accuracy,
+        sha256).
+
+    Raises:
+        CompolabError: If the file or its card is missing or does not match.
+    """
+    path = Path(path) if path is not None else shipped_checkpoint()
+    card_path = path.with_suffix(".json")
+    if not path.exists() or not card_path.exists():
+        raise CompolabError(
+            f"backbone checkpoint {path} (and its card {card_path.name}) not found; "
+            "rebuild it with `compolab pretrain`"
+        )
+    card = json.loads(card_path.read_text())
+    spec = BackboneSpec(**card["backbone"])
+    model = make_backbone(spec)
+    try:
+        state = load_file(path)
+    except Exception as e:  # safetensors raises several types for damaged files
+        raise CompolabError(f"cannot read backbone checkpoint {path}: {e}") from e
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CompolabError(
+            f"backbone checkpoint {path} does not match its card: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}"
+        )
+    if card.get("sha256") and fingerprint(model) != card["sha256"]:
+        raise CompolabError(f"backbone checkpoint {path} does not match the sha256 of its card")
+    return model.eval(), card
+
+
+def spec_dict(spec: BackboneSpec) -> dict:
+    """The spec as a JSON-ready dict."""
+    return asdict(spec)
