@@ -148,9 +148,18 @@ def _cmd_train(args: argparse.Namespace) -> None:
     from compolab.run import run, run_config
 
     cfg = run_config(
-        args.method, args.tuning, preset=args.preset, dataset=args.dataset, alpha=args.alpha,
-        beta=args.beta, ablation=args.ablation, epochs=args.epochs, lr=args.lr,
-        batch_size=args.batch_size, rank=args.rank, seed=args.seed,
+        args.method,
+        args.tuning,
+        preset=args.preset,
+        dataset=args.dataset,
+        alpha=args.alpha,
+        beta=args.beta,
+        ablation=args.ablation,
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        rank=args.rank,
+        seed=args.seed,
     )
     results = run(cfg, args.out, resume=args.resume, progress=args.progress)
     summary = {k: results[k] for k in ("final_accuracy", "accuracy_matrix", "task_seconds")}
@@ -169,8 +178,11 @@ def _cmd_compose(args: argparse.Namespace) -> None:
 
     pool = Pool.open(args.pool)
     plan = plan_composition(
-        pool.tasks(), tasks=_ids(args.tasks, "--tasks"), drop=_ids(args.drop, "--drop") or (),
-        coefs=_floats(args.weights, "--weights"), negate=_ids(args.negate, "--negate") or (),
+        pool.tasks(),
+        tasks=_ids(args.tasks, "--tasks"),
+        drop=_ids(args.drop, "--drop") or (),
+        coefs=_floats(args.weights, "--weights"),
+        negate=_ids(args.negate, "--negate") or (),
         negate_coef=args.negate_coef,
     )
     backbone, theta0, bench = open_pool_world(pool, load_data=args.eval)
@@ -210,17 +222,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("world", parents=[common], help="the tiny world: split, timing, probe")
     p.add_argument("--preset", default=None, help="tiny (default) or paper")
-    p.add_argument("--probe", action="store_true",
-                   help="linear probe on the downstream classes: shipped vs random-init backbone")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="linear probe on the downstream classes: shipped vs random-init backbone",
+    )
     p.add_argument("--checkpoint", default=None, help="probe this checkpoint instead of the shipped")
-    p.add_argument("--time", type=_positive(int), default=0, metavar="N",
-                   help="generate N pre-training images and report the speed")
+    p.add_argument(
+        "--time",
+        type=_positive(int),
+        default=0,
+        metavar="N",
+        help="generate N pre-training images and report the speed",
+    )
     p.add_argument("--size", type=_positive(int), default=32, help="image side in pixels")
     p.set_defaults(func=_cmd_world)
 
     p = sub.add_parser("pretrain", parents=[common], help="pre-train the tiny ViT (θ0 of tiny)")
-    p.add_argument("--out", default="runs/pretrain/tiny_vit",
-                   help="output path (.safetensors + .json); default runs/pretrain/tiny_vit")
+    p.add_argument(
+        "--out",
+        default="runs/pretrain/tiny_vit",
+        help="output path (.safetensors + .json); default runs/pretrain/tiny_vit",
+    )
     p.add_argument("--steps", type=_positive(int), default=2400)
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     p.set_defaults(func=_cmd_pretrain)

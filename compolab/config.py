@@ -71,9 +71,7 @@ def load_theta0(preset: Preset, checkpoint: str | Path | None = None) -> nn.Modu
     return load_backbone(checkpoint)[0]
 
 
-def load_benchmark_for(
-    preset: Preset, dataset: str | None = None, *, download: bool = False
-) -> Benchmark:
+def load_benchmark_for(preset: Preset, dataset: str | None = None, *, download: bool = False) -> Benchmark:
     """The class-incremental benchmark of a preset (or the named ``dataset``)."""
     name = dataset or preset.dataset
     if name == "tiny":

@@ -135,9 +135,7 @@ class Benchmark:
         return int(np.searchsorted(self.offsets, label, side="right") - 1)
 
     def describe(self) -> str:
-        sizes = ", ".join(
-            f"{len(t.train)}/{len(t.val)}/{len(t.test)}" for t in self.tasks[:3]
-        )
+        sizes = ", ".join(f"{len(t.train)}/{len(t.val)}/{len(t.test)}" for t in self.tasks[:3])
         return (
             f"{self.name}: {self.num_tasks} tasks, {self.num_classes} classes "
             f"(train/val/test of the first tasks: {sizes}{', ...' if self.num_tasks > 3 else ''})"
@@ -264,6 +262,4 @@ def make_loader(
     if batch_size <= 0:
         raise ConfigError(f"batch_size must be > 0, got {batch_size}")
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers
-    )
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers)

@@ -26,7 +26,14 @@ from compolab.heads import new_head
 from compolab.task_vector import TaskVector
 from compolab.tuning import TaskModule
 
-__all__ = ["FinetuneConfig", "FinetuneResult", "TrainingDiverged", "cosine_factor", "finetune_task"]
+__all__ = [
+    "FinetuneConfig",
+    "FinetuneResult",
+    "TrainingDiverged",
+    "cosine_factor",
+    "decoupled_penalty_step",
+    "finetune_task",
+]
 
 STYLES = ("full", "lora", "ia3")
 
@@ -94,6 +101,37 @@ def cosine_factor(epoch: int, epochs: int) -> float:
     return math.cos(99 * math.pi * epoch / (200 * (epochs - 1)))
 
 
+def decoupled_penalty_step(
+    penalty: Tensor, params: Sequence[nn.Parameter], *, step: float, clip: float = 100.0
+) -> Tensor:
+    r"""The paper's decoupled penalty update (spec §A.3.2 item 7, §A.8): one plain SGD step.
+
+    For every parameter tensor separately, the gradient of ``penalty`` is clipped to norm
+    ``clip`` and applied as :math:`p \leftarrow p - s\,g` with :math:`s` the current cosine factor
+    (**not** multiplied by the learning rate). The ``.grad`` fields (the task loss's gradients,
+    used next by AdamW) are left untouched.
+
+    Args:
+        penalty: Scalar penalty, differentiable w.r.t. ``params``.
+        params: The parameters to update.
+        step: Step size :math:`s`.
+        clip: Per-tensor gradient-norm clip (paper: 100).
+
+    Returns:
+        The penalty's value (detached), for logging.
+    """
+    grads = torch.autograd.grad(penalty, params, allow_unused=True)
+    with torch.no_grad():
+        for p, g in zip(params, grads, strict=True):
+            if g is None:
+                continue
+            norm = g.norm()
+            if norm > clip:
+                g = g * (clip / (norm + 1e-6))
+            p.sub_(step * g)
+    return penalty.detach()
+
+
 def finetune_task(
     backbone: nn.Module,
     theta0: dict[str, Tensor],
@@ -108,6 +146,7 @@ def finetune_task(
     module: TaskModule | None = None,
     head: nn.Linear | None = None,
     penalty: Callable[[TaskModule, nn.Linear], Tensor] | None = None,
+    decoupled: bool = False,
     progress: bool | None = False,
     device: str | torch.device = "cpu",
 ) -> FinetuneResult:
@@ -125,7 +164,9 @@ def finetune_task(
         coef: Weight of the current module in the forward (ITA: 1; IEL: 1/T).
         module: Start from this module (default: a fresh one, ΔW = 0).
         head: Start from this head (default: a fresh truncated-normal one).
-        penalty: ``penalty(module, head)`` → scalar added to the loss at every step.
+        penalty: ``penalty(module, head)`` → scalar; added to the loss at every micro-batch
+            (coupled), or applied by :func:`decoupled_penalty_step` at every optimiser step.
+        decoupled: Apply the penalty as the paper's separate SGD step (spec §A.8).
         progress: Show a progress bar.
         device: Where to train.
 
@@ -148,6 +189,7 @@ def finetune_task(
         [{"params": module.parameters()}, {"params": head.parameters()}],
         lr=cfg.lr, weight_decay=cfg.weight_decay,
     )  # fmt: skip
+    trainable = [p for p in [*module.parameters(), *head.parameters()] if p.requires_grad]
     history = []
     loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
     for epoch in tqdm(range(cfg.epochs), desc=f"task {task.index}", disable=not progress, leave=False):
@@ -160,7 +202,8 @@ def finetune_task(
             x, y = x.to(device), y.to(device) - offset
             logits = head(model(x))  # only the current head: past-class logits are masked out
             loss = nn.functional.cross_entropy(logits, y)
-            reg = penalty(module, head) if penalty is not None else torch.zeros((), device=device)
+            coupled = penalty is not None and not decoupled
+            reg = penalty(module, head) if coupled else torch.zeros((), device=device)
             total = loss + reg
             if not torch.isfinite(total):
                 raise TrainingDiverged(
@@ -169,6 +212,11 @@ def finetune_task(
                 )
             (total / cfg.accumulate).backward()
             if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
+                if penalty is not None and decoupled:
+                    reg = decoupled_penalty_step(penalty(module, head), trainable,
+                                                 step=cosine_factor(epoch, cfg.epochs))  # fmt: skip
+                    if not torch.isfinite(reg):
+                        raise TrainingDiverged(f"task {task.index}, epoch {epoch}: penalty is {reg.item()}")
                 opt.step()  # a short last group of micro-batches still makes one step
                 opt.zero_grad(set_to_none=True)
             totals["loss"] += loss.item() * len(y)

@@ -108,8 +108,17 @@ class ClassGaussians:
         return torch.cat(feats), torch.cat(labels)
 
 
-def _masked_probe(head: IncrementalHead, features, labels, current: int, *, epochs: int, lr: float,
-                  batch_size: int, generator: torch.Generator) -> None:
+def _masked_probe(
+    head: IncrementalHead,
+    features,
+    labels,
+    current: int,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> None:
     """Linear probing of head ``current`` on θ0 features, past-class logits masked (SGD)."""
     h = head.heads[current]
     offset = head.classes[current][0]
@@ -122,8 +131,17 @@ def _masked_probe(head: IncrementalHead, features, labels, current: int, *, epoc
             opt.step()
 
 
-def _align(head: IncrementalHead, stats: ClassGaussians, *, epochs: int, per_class: int, lr: float,
-           batch_size: int, temperature: float, generator: torch.Generator) -> None:
+def _align(
+    head: IncrementalHead,
+    stats: ClassGaussians,
+    *,
+    epochs: int,
+    per_class: int,
+    lr: float,
+    batch_size: int,
+    temperature: float,
+    generator: torch.Generator,
+) -> None:
     """Classifier alignment: CE on normalised logits z / (τ (‖z‖ + 1e-7)) of synthetic features."""
     classes = [c for cs in head.classes for c in cs]
     column = {c: i for i, c in enumerate(classes)}

@@ -6,7 +6,8 @@
 | ``seq`` | θ0 + Σ_{s<t} τ_s + τ_t (sequential fine-tuning) | θ0 + Σ τ_s | none |
 | ``joint`` | θ0 + τ on every task's data at once (upper bound) | θ0 + τ | none |
 
-ITA, IEL and EWC are added by ``compolab.incremental`` on the same context.
+ITA, IEL and EWC are registered by ``compolab.incremental`` on the same context (imported at the
+end of this module).
 """
 
 from __future__ import annotations
@@ -104,7 +105,10 @@ class TaskContext:
     def restore(self, entries: dict[int, PoolEntry]) -> None:
         """Rebuild the state of the finished tasks (``--resume``)."""
         for t in sorted(entries):
-            self.finish(entries[t])
+            self.taus[t] = entries[t].module.delta(self.theta0).detach()
+        hook = _RESTORE.get(self.method)
+        if hook is not None and entries:
+            hook(self, entries)
 
     def finish(self, entry: PoolEntry) -> None:
         """Record a finished task's module."""
@@ -132,14 +136,23 @@ class TaskContext:
 TrainFn = Callable[[TaskContext, int], PoolEntry]
 _TRAIN: dict[str, TrainFn] = {}
 _FINISH: dict[str, Callable[[TaskContext, PoolEntry], None]] = {}
+_RESTORE: dict[str, Callable[[TaskContext, dict], None]] = {}
 METHODS: list[str] = []
 
 
-def register(name: str, train: TrainFn, finish: Callable[[TaskContext, PoolEntry], None] | None = None):
-    """Add a method: ``train(ctx, t) -> PoolEntry`` and an optional ``finish(ctx, entry)``."""
+def register(
+    name: str,
+    train: TrainFn,
+    finish: Callable[[TaskContext, PoolEntry], None] | None = None,
+    restore: Callable[[TaskContext, dict], None] | None = None,
+) -> None:
+    """Add a method: ``train(ctx, t) -> PoolEntry``, and optional hooks run after a task
+    (``finish(ctx, entry)``) and when a run resumes (``restore(ctx, entries)``)."""
     _TRAIN[name] = train
     if finish is not None:
         _FINISH[name] = finish
+    if restore is not None:
+        _RESTORE[name] = restore
     if name not in METHODS:
         METHODS.append(name)
 
@@ -196,3 +209,6 @@ def _seeded(cfg: FinetuneConfig, t: int) -> FinetuneConfig:
 register("naive", _train_naive)
 register("seq", _train_seq)
 register("joint", _train_joint)
+
+
+import compolab.incremental  # noqa: E402, F401  - registers ita, iel and ewc

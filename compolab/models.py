@@ -95,7 +95,7 @@ def conv_stem(embed_dim: int, stride: int) -> nn.Sequential:
     if stride < 2 or stride & (stride - 1):
         raise ConfigError(f"conv stem stride must be a power of two >= 2, got {stride}")
     n_down = stride.bit_length() - 1
-    widths = [32, 64, 96, 128, 160][: n_down]
+    widths = [32, 64, 96, 128, 160][:n_down]
     layers: list[nn.Module] = []
     c_in = 3
     for i, w in enumerate(widths):

@@ -170,6 +170,7 @@ def run(
     log = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the whole run
     ctx = TaskContext(cfg.method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,
                       device=device, progress=progress)  # fmt: skip
+    ctx.state["dir"] = str(out / "state")
     entries = pool.load_all(theta0_sha256=sha) if done else {}
     entries = {t: e for t, e in entries.items() if t < done}
     ctx.restore(entries)
@@ -224,13 +225,23 @@ FINETUNE_PRESETS = {
 #: IEL β = 20 with req_weight_cls 0.1 (the released command, spec §A.4.1).
 METHOD_PRESETS = {
     "tiny": MethodConfig(),
-    "paper": MethodConfig(alpha=0.02, beta=20.0, req_weight_cls=0.025, simple_reg_weight_cls=0.001,
-                          pretune_epochs=3, pretune_lr=0.01, align_epochs=10, align_samples=256),
+    "paper": MethodConfig(
+        alpha=0.02,
+        beta=20.0,
+        req_weight_cls=0.025,
+        simple_reg_weight_cls=0.001,
+        pretune_epochs=3,
+        pretune_lr=0.01,
+        align_epochs=10,
+        align_samples=256,
+    ),
 }
 #: Datasets whose released config differs from CIFAR-100's (spec §A.9.2, CropDisease).
 DATASET_OVERRIDES = {
-    "cropdisease": ({"epochs": 5}, {"alpha": 5.0, "req_weight_cls": 0.1, "simple_reg_weight_cls": 0.01,
-                                    "pretune_epochs": 1}),
+    "cropdisease": (
+        {"epochs": 5},
+        {"alpha": 5.0, "req_weight_cls": 0.1, "simple_reg_weight_cls": 0.01, "pretune_epochs": 1},
+    ),
 }
 
 

@@ -189,8 +189,7 @@ def _pattern_mix(pattern: int, u, v, phase) -> np.ndarray:
         return _soft(4 * (0.35 - r))
     if name == "blotches":
         return _soft(
-            np.sin(3.1 * u + 5 * phase) * np.sin(2.3 * v - 3 * phase)
-            + 0.6 * np.sin(4.7 * (u + v) + phase)
+            np.sin(3.1 * u + 5 * phase) * np.sin(2.3 * v - 3 * phase) + 0.6 * np.sin(4.7 * (u + v) + phase)
         )
     raise AssertionError(name)
 
