@@ -177,6 +177,8 @@ def _cmd_compose(args: argparse.Namespace) -> None:
     from compolab.run import open_pool_world
 
     pool = Pool.open(args.pool)
+    if not pool.tasks():
+        raise CompolabError(f"{pool.root} holds no module yet")
     plan = plan_composition(
         pool.tasks(),
         tasks=_ids(args.tasks, "--tasks"),

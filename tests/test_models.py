@@ -31,13 +31,9 @@ def test_tiny_vit_contract():
 
 def test_tuned_weight_names_follow_the_depth():
     for depth in (1, 3):
-        names = tuned_weight_names(
-            make_backbone(BackboneSpec(embed_dim=16, depth=depth, num_heads=2))
-        )
+        names = tuned_weight_names(make_backbone(BackboneSpec(embed_dim=16, depth=depth, num_heads=2)))
         assert len(names) == 4 * depth
-        assert names[:4] == [
-            f"blocks.0.{n}.weight" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-        ]
+        assert names[:4] == [f"blocks.0.{n}.weight" for n in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
 
 
 def test_blocks_are_timms_own():

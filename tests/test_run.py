@@ -14,7 +14,9 @@ from compolab.models import BackboneSpec, make_backbone
 from compolab.pool import Pool
 from compolab.run import RunConfig, load_results, run, run_config
 
-SMALL = TinyWorldConfig(num_tasks=3, classes_per_task=3, train_per_class=12, val_per_class=2, test_per_class=6)
+SMALL = TinyWorldConfig(
+    num_tasks=3, classes_per_task=3, train_per_class=12, val_per_class=2, test_per_class=6
+)
 FAST = FinetuneConfig(style="lora", rank=2, epochs=1, batch_size=16)
 FAST_METHOD = MethodConfig(pretune_epochs=1, align_epochs=1, align_samples=8)
 

@@ -1,0 +1,287 @@
+"""Benchmarks (``compolab bench fisher|compose``): timing goals live here, never in tests.
+
+**compose** — :func:`bench_compose`: inference cost of a composed model of T = 1 and T = 10 modules
+(one merged model: the same cost), of an output ensemble of 10 models (10 forwards), and of one
+IEL training step with 1 and 10 frozen modules (pre-merged: the same cost).
+
+**fisher** — exact diagonal Fisher against the official per-class backward loop.
+
+:func:`bench_fisher` builds one model (the tiny preset's ViT shape, random init, an
+``IncrementalHead``) and one batch, then times in the same process, round-robin:
+
+* the kit's exact Fisher (:func:`compolab.fisher.diagonal_fisher`: batched backward over classes);
+* the official code's method (spec §A.5.4): all parameters frozen, the input multiplied by a dummy
+  ``requires_grad`` scalar so that ``register_full_backward_hook`` fires, and one
+  ``backward(retain_graph=True)`` per class of :math:`\\sum_n \\sqrt{p_c}\\,\\log p_c`;
+* the approximations (top-k classes, Monte Carlo with 1 and 10 labels, empirical), with their
+  relative error to the exact Fisher.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+from compolab.fisher import diagonal_fisher
+from compolab.heads import IncrementalHead, new_head
+from compolab.models import TINY_VIT, BackboneSpec, make_backbone, tuned_weight_names
+
+__all__ = ["bench_compose", "bench_fisher", "official_loop_fisher"]
+
+
+def official_loop_fisher(
+    backbone: nn.Module, head: nn.Module, x: Tensor, names: list[str]
+) -> dict[str, Tensor]:
+    """The official code's exact Fisher of one batch: one backward per class, full backward hooks.
+
+    A plain transcription of ``__compute_fisher_hooks`` (spec §A.5.3–4), kept as the speed baseline.
+
+    Args:
+        backbone: Maps ``x`` to features; ``names`` are ``nn.Linear`` weights of it.
+        head: Features to logits.
+        x: One batch.
+        names: The Linear weights to compute.
+
+    Returns:
+        ``name -> (out, in)``: :math:`\\sum_n \\sum_c p_c (\\nabla \\log p_c)^2`.
+    """
+    modules = {n: backbone.get_submodule(n.rsplit(".", 1)[0]) for n in names}
+    inputs: dict[str, Tensor] = {}
+    fisher = {n: torch.zeros_like(m.weight) for n, m in modules.items()}
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
+            inputs[name] = args[0].detach()
+        return hook
+
+    def backward_hook(name: str):
+        def hook(module: nn.Module, grad_input: tuple, grad_output: tuple) -> None:
+            delta, a = grad_output[0], inputs[name]
+            if a.ndim == 2:  # one token: (δ²)ᵀ(a²)
+                fisher[name] += delta.square().T @ a.square()
+            else:  # per-sample gradient sums over tokens, then squared
+                fisher[name] += torch.einsum("bto,bti->boi", delta, a).square().sum(0)
+        return hook
+
+    frozen = [(p, p.requires_grad) for p in [*backbone.parameters(), *head.parameters()]]
+    handles = []
+    try:
+        for p, _ in frozen:
+            p.requires_grad_(False)
+        for n, m in modules.items():
+            handles.append(m.register_forward_hook(forward_hook(n)))
+            handles.append(m.register_full_backward_hook(backward_hook(n)))
+        dummy = torch.ones((), dtype=x.dtype, device=x.device, requires_grad=True)
+        log_p = torch.log_softmax(head(backbone(x * dummy)), dim=-1)
+        p = log_p.detach().exp()
+        for c in range(log_p.shape[1]):
+            (p[:, c].sqrt() * log_p[:, c]).sum().backward(retain_graph=True)
+    finally:
+        for h in handles:
+            h.remove()
+        for p, flag in frozen:
+            p.requires_grad_(flag)
+    return fisher
+
+
+def _rel_err(approx: dict[str, Tensor], exact: dict[str, Tensor]) -> float:
+    """Relative L2 error over all entries together."""
+    num = sum(float((approx[k].double() - exact[k].double()).square().sum()) for k in exact)
+    den = sum(float(exact[k].double().square().sum()) for k in exact)
+    return (num / den) ** 0.5
+
+
+def _max_tensor_rel_err(approx: dict[str, Tensor], exact: dict[str, Tensor]) -> float:
+    """Largest relative L2 error of any one tensor."""
+    return max(float((approx[k] - exact[k]).double().norm() / exact[k].double().norm()) for k in exact)
+
+
+def _timed(fn: Callable[[], dict[str, Tensor]], device: torch.device) -> tuple[float, dict[str, Tensor]]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start, out
+
+
+def bench_fisher(
+    *,
+    batch_size: int = 8,
+    num_classes: int = 50,
+    classes_per_task: int = 10,
+    device: str | torch.device = "cpu",
+    repeats: int = 3,
+    dtype: torch.dtype = torch.float32,
+    spec: BackboneSpec = TINY_VIT,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Time the kit's exact Fisher against the official per-class loop on the same model and batch.
+
+    Args:
+        batch_size: Images per batch (the official micro-batch is 8).
+        num_classes: Classes of the head (softmax over all of them).
+        classes_per_task: Width of each task head of the ``IncrementalHead``.
+        device: Where to run.
+        repeats: Timed runs of each method (after one warm-up), interleaved; the median is reported.
+        dtype: Model and data dtype.
+        spec: Backbone shape (default: the tiny preset's ViT), random init.
+        seed: Seed of the model, the batch and the Monte-Carlo labels.
+        threads: CPU threads for the run (restored afterwards); default: leave torch's setting. On a
+            shared machine, 1 thread gives the steadiest timings.
+
+    Returns:
+        A JSON-ready dict: ``ratio_vs_loop`` (loop time / kit time), ``max_rel_err`` (largest
+        per-tensor relative L2 difference kit vs loop), ``seconds``/``loop_seconds`` (medians),
+        ``images_per_s``/``loop_images_per_s``, the setting, and ``approximations`` (method, relative
+        L2 error to the exact Fisher over all entries, median seconds).
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        device = torch.device(device)
+        return _bench(batch_size, num_classes, classes_per_task, device, repeats, dtype, spec, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench(
+    batch_size: int, num_classes: int, classes_per_task: int, device: torch.device, repeats: int,
+    dtype: torch.dtype, spec: BackboneSpec, seed: int,
+) -> dict:
+    torch.manual_seed(seed)
+    backbone = make_backbone(spec).to(device=device, dtype=dtype)
+    sizes = [classes_per_task] * (num_classes // classes_per_task) + [num_classes % classes_per_task]
+    head = IncrementalHead([new_head(spec.embed_dim, n) for n in sizes if n]).to(device=device, dtype=dtype)
+    x = torch.randn(batch_size, 3, spec.img_size, spec.img_size, device=device, dtype=dtype)
+    y = torch.randint(num_classes, (batch_size,), device=device)
+    names = tuned_weight_names(backbone)
+    gen = torch.Generator().manual_seed(seed)
+
+    def kit(**kwargs) -> Callable[[], dict[str, Tensor]]:
+        return lambda: diagonal_fisher(backbone, head, [(x, y)], names=names, generator=gen, **kwargs).values
+
+    methods = {
+        "kit": kit(),
+        "loop": lambda: official_loop_fisher(backbone, head, x, names),
+        "top_k=5": kit(top_k=5),
+        "mc k=1": kit(kind="mc", mc_samples=1),
+        "mc k=10": kit(kind="mc", mc_samples=10),
+        "empirical": kit(kind="empirical"),
+    }
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    results: dict[str, dict[str, Tensor]] = {}
+    for rep in range(repeats + 1):  # round 0 is the warm-up
+        for m, fn in methods.items():
+            seconds, results[m] = _timed(fn, device)
+            if rep:
+                times[m].append(seconds)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    exact = results["kit"]
+    return {
+        "ratio_vs_loop": med["loop"] / med["kit"],
+        "max_rel_err": _max_tensor_rel_err(exact, results["loop"]),
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "batch_size": batch_size,
+        "num_classes": num_classes,
+        "threads": torch.get_num_threads(),
+        "seconds": med["kit"],
+        "loop_seconds": med["loop"],
+        "images_per_s": batch_size / med["kit"],
+        "loop_images_per_s": batch_size / med["loop"],
+        "approximations": [
+            {"method": m, "rel_err": _rel_err(results[m], exact), "seconds": med[m]}
+            for m in ("top_k=5", "mc k=1", "mc k=10", "empirical")
+        ],
+    }
+
+
+def _best_time(fn: Callable[[], object], repeats: int) -> float:
+    """Fastest of ``repeats`` timed calls (after one warm-up call)."""
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+@torch.no_grad()
+def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return model(x)
+
+
+def bench_compose(
+    *, num_modules: int = 10, batch_size: int = 256, repeats: int = 10, style: str = "lora", seed: int = 0
+) -> dict:
+    """Inference and training cost of composition as the number of modules grows.
+
+    On the same inputs and in one process: a composed model of T = 1 and T = ``num_modules``
+    modules (merged into one model), an output ensemble of ``num_modules`` models, and one IEL
+    training step with 1 and ``num_modules`` frozen modules (pre-merged). Timings are the best of
+    ``repeats`` runs; ratios near 1 mean "cost independent of T".
+
+    Returns:
+        ``{"composed_t10_over_t1", "ensemble_t10_over_t1", "train_step_t10_over_t1", "seconds",
+        "device", "batch_size", "num_modules"}``.
+    """
+    from compolab.compose import ComposedForward, merge
+    from compolab.models import TINY_VIT, make_backbone, tuned_weight_names
+    from compolab.tuning import TaskModule, theta0_of
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = make_backbone(TINY_VIT).requires_grad_(False)
+    theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
+    taus = []
+    for _ in range(num_modules):
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        taus.append(module.delta(theta0).detach())
+    x = torch.randn(batch_size, 3, TINY_VIT.img_size, TINY_VIT.img_size, generator=gen)
+    composed_1 = merge(backbone, theta0, taus[:1])
+    composed_t = merge(backbone, theta0, taus)
+    members = [merge(backbone, theta0, [tau], [1.0]) for tau in taus]
+
+    def ensemble() -> torch.Tensor:
+        return torch.stack([_forward(m, x) for m in members]).mean(0)
+
+    def train_step(frozen: list) -> Callable[[], None]:
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        model = ComposedForward(backbone, theta0, frozen, module=module, coef=1 / (len(frozen) + 1))
+
+        def step() -> None:
+            model(x[:64]).square().mean().backward()
+            module.zero_grad(set_to_none=True)
+
+        return step
+
+    step_1, step_t = train_step(taus[:1]), train_step(taus)
+    seconds = {}
+    for _ in range(3):  # interleave the measurements, keep the best of each
+        for key, fn in (("composed_t1", lambda: _forward(composed_1, x)),
+                        ("composed_t", lambda: _forward(composed_t, x)),
+                        ("ensemble_t", ensemble), ("train_step_t1", step_1),
+                        ("train_step_t", step_t)):  # fmt: skip
+            seconds[key] = min(seconds.get(key, float("inf")), _best_time(fn, repeats))
+    return {
+        "composed_t10_over_t1": round(seconds["composed_t"] / seconds["composed_t1"], 3),
+        "ensemble_t10_over_t1": round(seconds["ensemble_t"] / seconds["composed_t1"], 3),
+        "train_step_t10_over_t1": round(seconds["train_step_t"] / seconds["train_step_t1"], 3),
+        "seconds": {k: round(v, 5) for k, v in seconds.items()},
+        "device": "cpu",
+        "batch_size": batch_size,
+        "num_modules": num_modules,
+        "style": style,
+    }
