@@ -30,7 +30,7 @@ from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
 from compolab.models import TINY_VIT, BackboneSpec, make_backbone, tuned_weight_names
 
-__all__ = ["bench_compose", "bench_fisher", "official_loop_fisher"]
+__all__ = ["bench_compose", "bench_fisher", "bench_tmc", "official_loop_fisher"]
 
 
 def official_loop_fisher(
@@ -284,4 +284,142 @@ def bench_compose(
         "batch_size": batch_size,
         "num_modules": num_modules,
         "style": style,
+    }
+
+
+def bench_tmc(
+    *,
+    num_components: int = 10,
+    batch_size: int = 64,
+    num_classes: int = 50,
+    repeats: int = 3,
+    style: str = "full",
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Inference and training cost of TMC's linearised model against the plain (non-linear) one.
+
+    On the tiny preset's ViT shape (random init), with a ``num_classes`` head and one batch, in one
+    process and interleaved (best of ``repeats`` after a warm-up, best over 3 rounds):
+
+    * ``plain``: one forward of a merged model θ0 + τ and its head (fused attention);
+    * ``linearized``: one linearised forward, f(θ0) + Jτ with the head linearised too (primal +
+      tangent pass, MATH attention);
+    * ``tmc``: the composition of ``num_components`` components (one linearised forward);
+    * ``ensemble``: the output ensemble of ``num_components`` merged non-linear models (T forwards);
+    * ``tme``: the output ensemble of the ``num_components`` linearised models (T linearised
+      forwards; the same outputs as ``tmc``, whose gap to it is reported as ``tmc_vs_tme_max_abs``);
+    * one training step (forward + backward) of a linearised component against one of the
+      ordinary fine-tuning forward (:class:`~compolab.compose.ComposedForward`).
+
+    Args:
+        num_components: T, the number of composed components / ensemble members.
+        batch_size: Images per forward.
+        num_classes: Outputs of the (base) head.
+        repeats: Timed calls per measurement.
+        style: Tuning style of the random components.
+        seed: Seed of the model, the components and the batch.
+        threads: CPU threads for the run (restored afterwards); default: leave torch's setting.
+
+    Returns:
+        ``{"linearized_over_plain", "tmc10_over_plain", "ensemble10_over_plain", "tme10_over_plain",
+        "ensemble10_over_tmc10", "linearized_step_over_plain_step", "tmc_vs_tme_max_abs", "seconds",
+        "device", "batch_size", "num_components", "style", "threads"}`` (the ``10`` in the keys is
+        ``num_components``).
+    """
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        return _bench_tmc(num_components, batch_size, num_classes, repeats, style, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: int, style: str,
+               seed: int) -> dict:  # fmt: skip
+    from compolab.compose import ComposedForward, merge
+    from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
+    from compolab.task_vector import TaskVector
+    from compolab.tmc import OutputEnsemble, base_head, scaled_square_loss
+    from compolab.tuning import TaskModule, theta0_of
+
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = make_backbone(TINY_VIT).requires_grad_(False)
+    theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
+    head = base_head(TINY_VIT.embed_dim, num_classes, seed=seed)
+    components = []
+    for _ in range(num_components):
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        shapes = {n: p.shape for n, p in head.named_parameters()}
+        head_delta = TaskVector({n: 0.01 * torch.randn(shape, generator=gen) for n, shape in shapes.items()})
+        components.append(TangentComponent(module.delta(theta0).detach(), head_delta))
+    taus = [c.tau for c in components]
+    x = torch.randn(batch_size, 3, TINY_VIT.img_size, TINY_VIT.img_size, generator=gen)
+    y = torch.randint(num_classes, (batch_size,), generator=gen)
+    plain = merge(backbone, theta0, taus[:1], [1.0])
+    linearized = compose_linearized(backbone, components[:1], head=head)
+    tmc = compose_linearized(backbone, components, head=head)
+    ensemble = OutputEnsemble(backbone, theta0, taus, heads=head)
+    tme = [compose_linearized(backbone, [c], head=head) for c in components]
+
+    def tme_forward() -> torch.Tensor:
+        return torch.stack([_forward(m, x) for m in tme]).mean(0)
+
+    def plain_step() -> Callable[[], None]:
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        model = ComposedForward(backbone, theta0, module=module)
+        step_head = new_head(TINY_VIT.embed_dim, num_classes)
+
+        def step() -> None:
+            nn.functional.cross_entropy(step_head(model(x)), y).backward()
+            module.zero_grad(set_to_none=True)
+            step_head.zero_grad(set_to_none=True)
+
+        return step
+
+    def linearized_step() -> Callable[[], None]:
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        model = LinearizedModel(backbone, theta0, module=module, head=head)
+
+        def step() -> None:
+            scaled_square_loss(model(x), y).backward()
+            model.zero_grad(set_to_none=True)
+
+        return step
+
+    with torch.no_grad():
+        gap = float((_forward(tmc, x) - tme_forward()).abs().max())
+    measured = {
+        "plain": lambda: head(_forward(plain, x)),
+        "linearized": lambda: _forward(linearized, x),
+        "tmc": lambda: _forward(tmc, x),
+        "ensemble": lambda: _forward(ensemble, x),
+        "tme": tme_forward,
+        "plain_step": plain_step(),
+        "linearized_step": linearized_step(),
+    }
+    seconds: dict[str, float] = {}
+    for _ in range(3):  # interleave the measurements, keep the best of each
+        for key, fn in measured.items():
+            seconds[key] = min(seconds.get(key, float("inf")), _best_time(fn, repeats))
+    t = num_components
+    return {
+        "linearized_over_plain": round(seconds["linearized"] / seconds["plain"], 3),
+        f"tmc{t}_over_plain": round(seconds["tmc"] / seconds["plain"], 3),
+        f"ensemble{t}_over_plain": round(seconds["ensemble"] / seconds["plain"], 3),
+        f"tme{t}_over_plain": round(seconds["tme"] / seconds["plain"], 3),
+        f"ensemble{t}_over_tmc{t}": round(seconds["ensemble"] / seconds["tmc"], 3),
+        "linearized_step_over_plain_step": round(seconds["linearized_step"] / seconds["plain_step"], 3),
+        "tmc_vs_tme_max_abs": gap,
+        "seconds": {k: round(v, 5) for k, v in seconds.items()},
+        "device": "cpu",
+        "batch_size": batch_size,
+        "num_components": num_components,
+        "style": style,
+        "threads": torch.get_num_threads(),
     }

@@ -190,7 +190,12 @@ def _cmd_compose(args: argparse.Namespace) -> None:
     backbone, theta0, bench = open_pool_world(pool, load_data=args.eval)
     sha = pool.manifest["theta0_sha256"]
     entries = {t: pool.load(t, theta0_sha256=sha) for t in plan.tasks + plan.negated}
-    model, head = compose_pool(backbone, theta0, entries, plan)
+    if pool.manifest.get("method") == "tmc":  # TMC composes the linearised model, not the merged one
+        from compolab.tmc import compose_tmc_pool
+
+        model, head = compose_tmc_pool(backbone, theta0, entries, plan)
+    else:
+        model, head = compose_pool(backbone, theta0, entries, plan)
     result: dict = {"composition": plan.describe(), "num_classes": len(head.global_labels)}
     if args.eval:
         acc = evaluate_tasks(model, head, bench, plan.tasks, progress=args.progress)
@@ -205,7 +210,7 @@ def _cmd_compose(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from compolab import bench
 
-    fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher}[args.what]
+    fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher, "tmc": bench.bench_tmc}[args.what]
     _emit(fn(), args.json)
 
 
@@ -284,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_compose)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
-    p.add_argument("what", choices=["compose", "fisher"])
+    p.add_argument("what", choices=["compose", "fisher", "tmc"])
     p.set_defaults(func=_cmd_bench)
     return parser
 

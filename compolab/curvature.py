@@ -135,7 +135,9 @@ def hvp(
     if set(v) != set(params):
         raise ConfigError(f"v and params differ in keys: {sorted(set(v) ^ set(params))}")
     v = {k: v[k].to(params[k]) for k in params}
-    with sdpa_kernel(SDPBackend.MATH):
+    # no_grad: the transforms ignore it, but the result then carries no graph through the model's
+    # *other* trainable parameters (hessian_diagonal_exact would chain one graph per chunk).
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():
         if mode == "rev":
             _, pullback = vjp(grad(loss_fn), params)
             return pullback(v)[0]
@@ -246,7 +248,7 @@ def hutchinson_trace(
 def dense_hessian(loss_fn: LossFn, params: dict[str, Tensor]) -> Tensor:
     """The full Hessian ``(P, P)`` in the flattened order of ``params`` (tiny models only)."""
     flat = _flatten(params).detach()
-    with sdpa_kernel(SDPBackend.MATH):
+    with sdpa_kernel(SDPBackend.MATH), torch.no_grad():  # no graph through other parameters
         return torch.func.hessian(lambda x: loss_fn(_unflatten(x, params)))(flat)
 
 

@@ -205,9 +205,9 @@ class TinyWorldConfig:
 
     num_tasks: int = 5
     classes_per_task: int = 10
-    train_per_class: int = 100
-    val_per_class: int = 20
-    test_per_class: int = 50
+    train_per_class: int = 50
+    val_per_class: int = 10
+    test_per_class: int = 30
     img_size: int = 32
     seed: int = 0
 

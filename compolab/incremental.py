@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.utils.data import Subset
 
 from compolab.compose import merge
 from compolab.data import make_loader
@@ -212,11 +213,20 @@ def _pretune(ctx: TaskContext, t: int) -> tuple[IncrementalHead, Tensor]:
     return cpre, feats
 
 
-def _task_fisher(ctx: TaskContext, t: int, cpre: IncrementalHead) -> DiagonalFisher:
-    loader = make_loader(ctx.bench.tasks[t].train, FISHER_BATCH)
+def _task_fisher(
+    ctx: TaskContext, t: int, head: IncrementalHead, model: nn.Module | None = None
+) -> DiagonalFisher:
+    """Fisher of ``head(model(x))`` (default model: θ0) on task t's training data (or a subset)."""
+    data = ctx.bench.tasks[t].train
     gen = torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
-    return diagonal_fisher(ctx.backbone, cpre, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
-                           top_k=ctx.cfg.fisher_top_k, generator=gen, progress=False)  # fmt: skip
+    n = ctx.cfg.fisher_samples
+    if n is not None and n < len(data):
+        data = Subset(data, torch.randperm(len(data), generator=gen)[:n].sort().values.tolist())
+    loader = make_loader(data, FISHER_BATCH)
+    model = ctx.backbone if model is None else model
+    return diagonal_fisher(model, head, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
+                           top_k=ctx.cfg.fisher_top_k, mc_samples=ctx.cfg.mc_samples, generator=gen,
+                           progress=False)  # fmt: skip
 
 
 def _accumulator(ctx: TaskContext) -> FisherAccumulator:
@@ -331,8 +341,7 @@ def _finish_ewc(ctx: TaskContext, entry: PoolEntry) -> None:
     heads = ctx.state.setdefault("heads", [])
     heads.append(entry.head)
     head = IncrementalHead(heads, classes=[ctx.bench.tasks[s].classes for s in range(t + 1)])
-    f = diagonal_fisher(model, head, make_loader(ctx.bench.tasks[t].train, FISHER_BATCH), names=ctx.names)
-    mean = f.mean()
+    mean = _task_fisher(ctx, t, head, model).mean()
     old = ctx.state.get("ewc_fisher")
     ctx.state["ewc_fisher"] = mean if old is None else {n: old[n] + mean[n] for n in mean}
     ctx.state.setdefault("stats", ClassGaussians())

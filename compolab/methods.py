@@ -21,6 +21,7 @@ from torch.utils.data import ConcatDataset
 
 from compolab.compose import merge
 from compolab.data import Benchmark, Task
+from compolab.editing import CompositionPlan, compose_pool
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, finetune_task
 from compolab.heads import IncrementalHead
@@ -50,7 +51,11 @@ class MethodConfig:
         align_epochs: Classifier-alignment epochs at task 0 (the paper adds 5 per task).
         align_samples: Synthetic features per class and alignment epoch.
         fisher_kind: ``exact``, ``mc`` or ``empirical`` (spec §A.5: exact).
-        fisher_top_k: Official ``fisher_mc_classes`` knob (None = all classes).
+        fisher_top_k: Official ``fisher_mc_classes`` knob (None = all classes; exact only).
+        fisher_samples: Training images of the task used for its Fisher (a seeded subset; None =
+            all, as the paper). The Fisher is a mean per example, so a subset is an unbiased
+            estimate of it; it bounds the cost of the exact Fisher, ≈ C backward passes per image.
+        mc_samples: Labels drawn per image by the ``mc`` Fisher.
         decoupled: Apply the penalty as the paper's separate SGD step (spec §A.8); None = the
             paper's choice (LoRA and (IA)³ decoupled, full fine-tuning coupled).
     """
@@ -68,6 +73,8 @@ class MethodConfig:
     align_samples: int = 64
     fisher_kind: str = "exact"
     fisher_top_k: int | None = None
+    fisher_samples: int | None = None
+    mc_samples: int = 1
     decoupled: bool | None = None
 
     def __post_init__(self) -> None:
@@ -84,6 +91,12 @@ class MethodConfig:
                 raise ConfigError(f"MethodConfig.{f} must be >= 0, got {getattr(self, f)}")
         if self.fisher_kind not in ("exact", "mc", "empirical"):
             raise ConfigError(f"unknown fisher_kind {self.fisher_kind!r}; choose exact, mc or empirical")
+        if self.fisher_top_k is not None and (self.fisher_kind != "exact" or self.fisher_top_k <= 0):
+            raise ConfigError("MethodConfig.fisher_top_k needs fisher_kind='exact' and a value > 0")
+        for f in ("fisher_samples", "mc_samples"):
+            value = getattr(self, f)
+            if value is not None and value <= 0:
+                raise ConfigError(f"MethodConfig.{f} must be > 0, got {value}")
 
 
 @dataclass
@@ -132,11 +145,26 @@ class TaskContext:
         head = IncrementalHead([entry.head], tasks=(0,), classes=[entry.classes])
         return model, head
 
+    # --- evaluation hook (added for TMC) -------------------------------------------------------
+    def eval_model(
+        self, entries: dict[int, PoolEntry], plan: CompositionPlan
+    ) -> tuple[nn.Module, IncrementalHead]:
+        """The model evaluated after a task: the method's own composition if it registered one
+        (TMC: the linearised model), else the merged θ0 + Σ w_t τ_t (:func:`compose_pool`)."""
+        hook = _EVAL.get(self.method)
+        if hook is not None:
+            return hook(self, entries, plan)
+        return compose_pool(self.backbone, self.theta0, entries, plan)
+
+    # --- end of the evaluation hook ------------------------------------------------------------
+
 
 TrainFn = Callable[[TaskContext, int], PoolEntry]
 _TRAIN: dict[str, TrainFn] = {}
 _FINISH: dict[str, Callable[[TaskContext, PoolEntry], None]] = {}
 _RESTORE: dict[str, Callable[[TaskContext, dict], None]] = {}
+EvalFn = Callable[[TaskContext, dict, CompositionPlan], tuple[nn.Module, IncrementalHead]]
+_EVAL: dict[str, EvalFn] = {}
 METHODS: list[str] = []
 
 
@@ -145,14 +173,18 @@ def register(
     train: TrainFn,
     finish: Callable[[TaskContext, PoolEntry], None] | None = None,
     restore: Callable[[TaskContext, dict], None] | None = None,
+    evaluate: EvalFn | None = None,
 ) -> None:
     """Add a method: ``train(ctx, t) -> PoolEntry``, and optional hooks run after a task
-    (``finish(ctx, entry)``) and when a run resumes (``restore(ctx, entries)``)."""
+    (``finish(ctx, entry)``), when a run resumes (``restore(ctx, entries)``) and to build the
+    evaluated model (``evaluate(ctx, entries, plan) -> (model, head)``, default :func:`compose_pool`)."""
     _TRAIN[name] = train
     if finish is not None:
         _FINISH[name] = finish
     if restore is not None:
         _RESTORE[name] = restore
+    if evaluate is not None:
+        _EVAL[name] = evaluate
     if name not in METHODS:
         METHODS.append(name)
 
@@ -212,3 +244,4 @@ register("joint", _train_joint)
 
 
 import compolab.incremental  # noqa: E402, F401  - registers ita, iel and ewc
+import compolab.tmc  # noqa: E402, F401  - registers tmc

@@ -25,7 +25,7 @@ from torch import nn
 
 from compolab.config import get_preset, load_benchmark_for, load_theta0
 from compolab.data import Benchmark
-from compolab.editing import compose_pool, plan_composition
+from compolab.editing import plan_composition
 from compolab.errors import CompolabError, ConfigError
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
@@ -42,7 +42,7 @@ class RunConfig:
     """Everything that defines a run (stored in ``config.json``).
 
     Attributes:
-        method: ``ita``, ``iel``, ``seq``, ``naive``, ``ewc`` or ``joint`` (``compolab.methods``).
+        method: ``ita``, ``iel``, ``seq``, ``naive``, ``ewc``, ``joint`` or ``tmc`` (``compolab.methods``).
         preset: ``tiny`` or ``paper``.
         dataset: Benchmark name; default: the preset's.
         finetune: Per-task fine-tuning hyper-parameters (style, epochs, lr, ...).
@@ -208,7 +208,7 @@ def _evaluate_after(ctx: TaskContext, entries: dict, cfg: RunConfig, bench: Benc
     else:
         seen = list(range(t + 1))
         plan = plan_composition(sorted(entries), coefs=ctx.eval_coefs(len(entries)))
-        model, head = compose_pool(ctx.backbone, ctx.theta0, entries, plan)
+        model, head = ctx.eval_model(entries, plan)
     acc = evaluate_tasks(model, head, bench, seen, device=ctx.device)
     return [round(acc[s], 2) for s in seen]
 
@@ -217,24 +217,18 @@ def _evaluate_after(ctx: TaskContext, entries: dict, cfg: RunConfig, bench: Benc
 #: ``models/config/second_order.yaml``, ``seq-cifar100-224``): AdamW lr 3e-4, wd 0, micro-batch 8
 #: accumulated 16 times, 20 epochs, LoRA r = 16.
 FINETUNE_PRESETS = {
-    "tiny": FinetuneConfig(style="lora", rank=4, epochs=4, batch_size=64, accumulate=1, lr=1e-3),
+    "tiny": FinetuneConfig(style="lora", rank=4, epochs=5, batch_size=64, accumulate=1, lr=3e-3),
     "paper": FinetuneConfig(style="lora", rank=16, epochs=20, batch_size=8, accumulate=16, lr=3e-4),
 }
 #: Method knobs of the presets. ``paper``: ITA α = 0.02, req_weight_cls 0.025, simple 0.001,
 #: 3 pre-tuning epochs at lr 0.01, 10 (+5 per task) alignment epochs of 256 samples per class;
 #: IEL β = 20 with req_weight_cls 0.1 (the released command, spec §A.4.1).
 METHOD_PRESETS = {
-    "tiny": MethodConfig(),
-    "paper": MethodConfig(
-        alpha=0.02,
-        beta=20.0,
-        req_weight_cls=0.025,
-        simple_reg_weight_cls=0.001,
-        pretune_epochs=3,
-        pretune_lr=0.01,
-        align_epochs=10,
-        align_samples=256,
-    ),
+    # tiny: the Monte-Carlo Fisher (one sampled label per image, unbiased) keeps a run in seconds;
+    # the exact Fisher costs ≈ C backward passes per image (see `compolab bench fisher`).
+    "tiny": MethodConfig(alpha=1000.0, beta=1000.0, fisher_kind="mc"),
+    "paper": MethodConfig(alpha=0.02, beta=20.0, req_weight_cls=0.025, simple_reg_weight_cls=0.001,
+                          pretune_epochs=3, pretune_lr=0.01, align_epochs=10, align_samples=256),
 }
 #: Datasets whose released config differs from CIFAR-100's (spec §A.9.2, CropDisease).
 DATASET_OVERRIDES = {
@@ -274,8 +268,8 @@ def run_config(
     if p.name == "paper" and name in DATASET_OVERRIDES:
         ft_over, mc_over = DATASET_OVERRIDES[name]
         ft, mc = replace(ft, **ft_over), replace(mc, **mc_over)
-    if method == "iel" and p.name == "paper":
-        mc = replace(mc, req_weight_cls=0.1)
+    if method == "iel":  # the released IEL command pairs beta with a milder head penalty
+        mc = replace(mc, req_weight_cls=0.1 if p.name == "paper" else 1.0)
     ft_changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank}
     ft = replace(ft, **{k: v for k, v in ft_changes.items() if v is not None})
     mc_changes = {"alpha": alpha, "beta": beta}

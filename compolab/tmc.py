@@ -1,0 +1,392 @@
+r"""Tangent Model Composition (TMC, Liu & Soatto, ICCV 2023; spec PART B) as a method of the kit.
+
+Per task t, from the **same** θ0 and the **same** random base head (spec §B.3.1, §B.3.3):
+
+* the component is a tangent vector: the backbone's τ_t (a :class:`~compolab.tuning.TaskModule`,
+  any style) and the base head's tangent :math:`(\Delta W_t, \Delta b_t)`, trained through the
+  linearised model :class:`~compolab.linearize.LinearizedModel` with the backbone in eval mode;
+* the loss is the rescaled square loss over **all** classes of the benchmark plus an L2-*norm*
+  penalty on the trainable tensors (spec §B.3.2):
+
+  .. math:: \frac{1}{BC}\sum_{b,c}\big(f_{lin}(x_b)_c - \kappa\,[y_b = c]\big)^2
+            + wd\,\sqrt{10^{-6} + \textstyle\sum_{trainable} p^2},\quad \kappa = 15,\ wd = 10^{-5}
+
+* AdamW (betas 0.9, 0.999, weight decay 0), learning rate ×0.1 at 50 % and 80 % of the epochs
+  (the paper's 25 and 40 of 50).
+
+Evaluation composes the components by uniform averaging of the tangents and runs the
+**linearised** composed model (:func:`compose_tmc_pool`), never the non-linear merge. Its baseline,
+the output ensemble of non-linearly fine-tuned models, is :class:`OutputEnsemble` (T forwards).
+
+Registered as method ``"tmc"`` of :func:`compolab.run.run`. A pool entry's ``head`` is the head
+tangent (all classes); the base head is rebuilt from the seed in the entry's card.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from compolab.compose import merge
+from compolab.data import Task, make_loader
+from compolab.editing import CompositionPlan
+from compolab.errors import ConfigError
+from compolab.finetune import FinetuneConfig, FinetuneResult, TrainingDiverged, _width
+from compolab.heads import IncrementalHead
+from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
+from compolab.methods import TaskContext, _entry, _seeded, register
+from compolab.pool import PoolEntry
+from compolab.task_vector import TaskVector
+from compolab.tuning import TaskModule
+
+__all__ = [
+    "TMCConfig",
+    "base_head",
+    "scaled_square_loss",
+    "norm_penalty",
+    "step_factor",
+    "train_component",
+    "component_of",
+    "LogitColumns",
+    "compose_tmc_pool",
+    "OutputEnsemble",
+    "ensemble_predict",
+]
+
+
+@dataclass(frozen=True)
+class TMCConfig:
+    """TMC's own knobs (spec §B.3.2; defaults: the class-incremental values of the paper).
+
+    Attributes:
+        kappa: κ of the rescaled square loss (``mse_weight``: 15 class-IL, 5 data-IL).
+        wd: Strength of the L2-norm penalty (``wd``: 1e-5).
+        milestones: Fractions of the epochs after which the learning rate is multiplied by
+            ``gamma`` (paper: 25 and 40 of 50 epochs).
+        gamma: The step factor (0.1).
+    """
+
+    kappa: float = 15.0
+    wd: float = 1e-5
+    milestones: tuple[float, ...] = (0.5, 0.8)
+    gamma: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not (self.kappa > 0 and self.wd >= 0 and 0 < self.gamma <= 1):
+            raise ConfigError(f"TMCConfig needs kappa > 0, wd >= 0, 0 < gamma <= 1; got {self}")
+        if any(not 0 <= m <= 1 for m in self.milestones):
+            raise ConfigError(f"TMCConfig.milestones must be fractions in [0, 1], got {self.milestones}")
+
+
+def base_head(in_features: int, num_classes: int, *, seed: int = 0) -> nn.Linear:
+    r"""The frozen random base head shared by every component (spec §B.3.1).
+
+    PyTorch's default ``nn.Linear`` initialisation, :math:`U(-1/\sqrt{D}, 1/\sqrt{D})` for weight and
+    bias, drawn from a CPU generator seeded with ``seed``: the same seed gives the same head on any
+    machine, so a pool only stores the seed.
+
+    Examples:
+        >>> torch.equal(base_head(4, 3, seed=1).weight, base_head(4, 3, seed=1).weight)
+        True
+    """
+    gen = torch.Generator().manual_seed(seed)
+    bound = 1.0 / math.sqrt(in_features)
+    head = nn.Linear(in_features, num_classes)
+    with torch.no_grad():
+        head.weight.copy_(torch.empty(num_classes, in_features).uniform_(-bound, bound, generator=gen))
+        head.bias.copy_(torch.empty(num_classes).uniform_(-bound, bound, generator=gen))
+    return head.requires_grad_(False).eval()
+
+
+def scaled_square_loss(outputs: Tensor, labels: Tensor, *, kappa: float = 15.0) -> Tensor:
+    r"""The rescaled square loss :math:`\mathrm{mean}_{b,c}(o_{bc} - \kappa\,[y_b=c])^2` (spec §B.3.2).
+
+    Args:
+        outputs: ``(B, C)``, one column per class of the benchmark (all of them).
+        labels: ``(B,)`` global labels.
+        kappa: The target scale κ.
+
+    Returns:
+        The mean over batch and classes.
+
+    Examples:
+        >>> scaled_square_loss(torch.zeros(1, 3), torch.tensor([0]), kappa=15.0)  # 15² / 3
+        tensor(75.)
+    """
+    target = kappa * F.one_hot(labels, outputs.shape[-1]).to(outputs.dtype)
+    return F.mse_loss(outputs, target)
+
+
+def norm_penalty(params: Sequence[Tensor], *, wd: float = 1e-5, eps: float = 1e-6) -> Tensor:
+    r"""The L2 *norm* (not squared) penalty :math:`wd\,\sqrt{\epsilon + \sum_p \sum p^2}` (spec §B.3.2).
+
+    Examples:
+        >>> float(norm_penalty([torch.tensor([3.0]), torch.tensor([4.0])], wd=2.0, eps=0.0))
+        10.0
+    """
+    return wd * torch.sqrt(eps + sum(p.square().sum() for p in params))
+
+
+def step_factor(
+    epoch: int, epochs: int, milestones: Sequence[float] = (0.5, 0.8), gamma: float = 0.1
+) -> float:
+    r"""Learning-rate factor of epoch ``epoch`` (0-based) of ``epochs`` = K (spec §B.3.2).
+
+    .. math:: \gamma^{\#\{m:\ epoch \ge \lceil m K\rceil\}}
+
+    With K = 50 epochs the milestones are 25 and 40 (spec §B.3.2).
+
+    Examples:
+        >>> [step_factor(e, 50) for e in (24, 25, 39, 40)] == [1.0, 0.1, 0.1, 0.1 ** 2]
+        True
+        >>> step_factor(0, 1)  # a single epoch keeps the full learning rate
+        1.0
+    """
+    return gamma ** sum(epoch >= math.ceil(m * epochs - 1e-9) for m in milestones)
+
+
+def train_component(
+    backbone: nn.Module,
+    theta0: dict[str, Tensor],
+    task: Task,
+    head: nn.Module,
+    cfg: FinetuneConfig | None = None,
+    tmc: TMCConfig = TMCConfig(),
+    *,
+    names: Sequence[str],
+    module: TaskModule | None = None,
+    progress: bool | None = False,
+    device: str | torch.device = "cpu",
+) -> FinetuneResult:
+    r"""Train one TMC component on one task through the linearised model (spec §B.3.2).
+
+    Args:
+        backbone: θ0 (frozen, eval mode: BatchNorm uses its running statistics).
+        theta0: θ0's named parameters.
+        task: The task; labels are global, and the loss covers every output of ``head``.
+        head: The shared frozen base head, ``D → C`` with C = all classes of the benchmark.
+        cfg: Style, rank, epochs, batch size, accumulation, lr (paper: 1e-4), AdamW weight decay
+            (paper: 0), seed; default ``FinetuneConfig()``.
+        tmc: κ, the norm-penalty strength and the step schedule.
+        names: Target weights of the module.
+        module: Start from this module (default: a fresh one, τ = 0).
+        progress: Show a progress bar.
+        device: Where to train.
+
+    Returns:
+        The trained module, the head tangent as an ``nn.Linear`` (weight ΔW, bias Δb), the
+        per-epoch history (loss, penalty, train accuracy over all classes) and the time.
+
+    Raises:
+        TrainingDiverged: If a loss becomes NaN or infinite.
+    """
+    t0 = time.time()
+    cfg = cfg if cfg is not None else FinetuneConfig()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    if module is None:
+        module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)
+    model = LinearizedModel(backbone, theta0, module=module, head=head).to(device)
+    trainable = [p for p in model.parameters() if p.requires_grad]  # module + head tangent
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    history = []
+    for epoch in tqdm(range(cfg.epochs), desc=f"tmc task {task.index}", disable=not progress, leave=False):
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * step_factor(epoch, cfg.epochs, tmc.milestones, tmc.gamma)
+        totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
+        model.train()
+        opt.zero_grad(set_to_none=True)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device)
+            outputs = model(x)  # (B, C): every class of the benchmark
+            loss = scaled_square_loss(outputs, y, kappa=tmc.kappa)
+            reg = norm_penalty(trainable, wd=tmc.wd)
+            total = loss + reg
+            if not torch.isfinite(total):
+                raise TrainingDiverged(f"tmc task {task.index}, epoch {epoch}: loss is {loss.item()}; "
+                                       "the run stops here (earlier components stay saved)")  # fmt: skip
+            (total / cfg.accumulate).backward()
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            totals["loss"] += loss.item() * len(y)
+            totals["penalty"] += reg.item() * len(y)
+            totals["correct"] += (outputs.argmax(1) == y).sum().item()
+            totals["seen"] += len(y)
+        n = max(totals["seen"], 1)
+        history.append({"epoch": epoch, "loss": totals["loss"] / n, "penalty": totals["penalty"] / n,
+                        "train_accuracy": 100.0 * totals["correct"] / n})  # fmt: skip
+    module.eval()
+    return FinetuneResult(module, _linear_of(model.component().head), history, time.time() - t0)
+
+
+def _linear_of(delta: TaskVector) -> nn.Linear:
+    """The head tangent as an ``nn.Linear`` (what a pool entry stores as its head)."""
+    out_features, in_features = delta["weight"].shape
+    linear = nn.Linear(in_features, out_features).to(delta["weight"])
+    with torch.no_grad():
+        linear.weight.copy_(delta["weight"])
+        linear.bias.copy_(delta["bias"])
+    return linear.requires_grad_(False)
+
+
+def component_of(entry: PoolEntry, theta0: Mapping[str, Tensor]) -> TangentComponent:
+    """A pool entry of a TMC run as a :class:`~compolab.linearize.TangentComponent`, on θ0's device.
+
+    (Entries read back from disk live on the CPU; θ0 may not.)
+    """
+    like = next(iter(theta0.values()))
+    at = next(entry.module.parameters())  # where the module's tensors are
+    tau = entry.module.delta({n: theta0[n].to(at.device) for n in entry.module.names})
+    head = TaskVector({"weight": entry.head.weight.detach(), "bias": entry.head.bias.detach()})
+    return TangentComponent(tau.detach().to(like.device), head.to(like.device))
+
+
+class LogitColumns(nn.Module):
+    """The logits of ``classes`` picked out of a full-size output: a member of an
+    :class:`~compolab.heads.IncrementalHead` over a TMC model's logits (every class)."""
+
+    def __init__(self, classes: Sequence[int]) -> None:
+        super().__init__()
+        self.register_buffer("index", torch.tensor(list(classes), dtype=torch.long))
+        self.out_features = len(classes)
+
+    def forward(self, logits: Tensor) -> Tensor:
+        return logits[:, self.index]
+
+
+def _base_head_of(entries: Mapping[int, PoolEntry], like: Tensor) -> nn.Linear:
+    """The base head of a TMC pool, rebuilt from the seed in its cards, on ``like``'s device."""
+    seeds = {e.card.get("hparams", {}).get("tmc", {}).get("base_head_seed") for e in entries.values()}
+    if len(seeds) != 1 or None in seeds:
+        raise ConfigError(f"TMC entries must share one base-head seed in their cards, got {seeds}")
+    any_head = next(iter(entries.values())).head
+    head = base_head(any_head.in_features, any_head.out_features, seed=seeds.pop())
+    return head.to(device=like.device, dtype=any_head.weight.dtype)
+
+
+def compose_tmc_pool(
+    backbone: nn.Module,
+    theta0: Mapping[str, Tensor],
+    entries: Mapping[int, PoolEntry],
+    plan: CompositionPlan,
+) -> tuple[nn.Module, IncrementalHead]:
+    r"""The linearised composition of a TMC pool, with a head over the composed tasks' classes.
+
+    The counterpart of :func:`compolab.editing.compose_pool` for TMC: the model is
+    :func:`~compolab.linearize.compose_linearized` at :math:`\sum_t w_t \tau_t - \lambda\sum_k
+    \tau_k` (one linearised forward), and the predictions run over the classes of ``plan.tasks``
+    only (class-incremental, as every method of the kit).
+
+    Returns:
+        ``(model, head)`` for :func:`compolab.evaluate.evaluate_tasks`: ``model`` outputs the
+        linearised logits of every class, ``head`` selects the composed tasks' columns.
+    """
+    used = plan.tasks + plan.negated
+    missing = [t for t in used if t not in entries]
+    if missing:
+        raise ConfigError(f"task(s) {missing} are planned but not loaded")
+    components = {t: component_of(entries[t], theta0) for t in used}
+    coefs = list(plan.coefs) + [-c for c in plan.negated_coefs]
+    like = next(iter(theta0.values()))
+    base = _base_head_of({t: entries[t] for t in used}, like)
+    model = compose_linearized(backbone, components, coefs, theta0=theta0, head=base)
+    head = IncrementalHead([LogitColumns(entries[t].classes) for t in plan.tasks], tasks=plan.tasks,
+                           classes=[entries[t].classes for t in plan.tasks])  # fmt: skip
+    return model, head.to(like.device)
+
+
+class OutputEnsemble(nn.Module):
+    r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i \lambda_i h_i(f(x;\theta_0+\tau_i))`.
+
+    TMC's baseline (spec §B.1, Fig. 1b): each member is θ0 + τ_i merged into its own copy of the
+    backbone, so inference costs T forwards.
+
+    Args:
+        backbone: θ0's model (not modified).
+        theta0: θ0's named parameters.
+        taus: The members' task vectors.
+        coefs: Their weights; default :math:`1/T` each.
+        heads: One head per member (or one shared head); default none (features are averaged).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        theta0: Mapping[str, Tensor],
+        taus: Sequence[TaskVector],
+        coefs: Sequence[float] | None = None,
+        *,
+        heads: Sequence[nn.Module] | nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        if not taus:
+            raise ConfigError("an ensemble needs at least one member")
+        self.coefs = [1.0 / len(taus)] * len(taus) if coefs is None else list(coefs)
+        if len(self.coefs) != len(taus):
+            raise ConfigError(f"got {len(self.coefs)} coefs for {len(taus)} members")
+        self.members = nn.ModuleList([merge(backbone, theta0, [tau], [1.0]).eval() for tau in taus])
+        if isinstance(heads, nn.Module):
+            heads = [heads] * len(taus)
+        if heads is not None and len(heads) != len(taus):
+            raise ConfigError(f"got {len(heads)} heads for {len(taus)} members")
+        self.heads = nn.ModuleList(heads) if heads is not None else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = 0
+        for i, (c, member) in enumerate(zip(self.coefs, self.members, strict=True)):
+            y = member(x)
+            out = out + c * (self.heads[i](y) if self.heads is not None else y)
+        return out
+
+
+@torch.no_grad()
+def ensemble_predict(
+    backbone: nn.Module,
+    theta0: Mapping[str, Tensor],
+    taus: Sequence[TaskVector],
+    x: Tensor,
+    coefs: Sequence[float] | None = None,
+    *,
+    heads: Sequence[nn.Module] | nn.Module | None = None,
+) -> Tensor:
+    """Averaged outputs of the non-linear models θ0 + τ_i on ``x`` (T forwards; :class:`OutputEnsemble`).
+
+    Builds the merged members on every call: keep an :class:`OutputEnsemble` to predict repeatedly.
+    """
+    return OutputEnsemble(backbone, theta0, taus, coefs, heads=heads)(x)
+
+
+# --------------------------------------------------------------------------- the "tmc" method
+
+
+def _tmc_config(ctx: TaskContext) -> TMCConfig:
+    """TMC's knobs: from ``MethodConfig.tmc_kappa`` / ``tmc_wd`` when present, else the paper's."""
+    defaults = TMCConfig()
+    return TMCConfig(kappa=getattr(ctx.cfg, "tmc_kappa", defaults.kappa),
+                     wd=getattr(ctx.cfg, "tmc_wd", defaults.wd))  # fmt: skip
+
+
+def _train_tmc(ctx: TaskContext, t: int) -> PoolEntry:
+    task, tmc = ctx.bench.tasks[t], _tmc_config(ctx)
+    seed = ctx.finetune.seed  # one base head per run, shared by every task
+    head = base_head(_width(ctx.backbone), ctx.bench.num_classes, seed=seed).to(ctx.device)
+    result = train_component(ctx.backbone, ctx.theta0, task, head, _seeded(ctx.finetune, t), tmc,
+                             names=ctx.names, progress=ctx.progress, device=ctx.device)  # fmt: skip
+    info = {"kappa": tmc.kappa, "wd": tmc.wd, "milestones": list(tmc.milestones), "gamma": tmc.gamma,
+            "base_head_seed": seed, "num_classes": ctx.bench.num_classes}  # fmt: skip
+    return _entry(ctx, t, result, task.classes, tmc=info)
+
+
+def _evaluate_tmc(ctx: TaskContext, entries: dict[int, PoolEntry], plan: CompositionPlan):
+    return compose_tmc_pool(ctx.backbone, ctx.theta0, entries, plan)
+
+
+register("tmc", _train_tmc, evaluate=_evaluate_tmc)
