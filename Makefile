@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.compolab-installed
 NBOPTS := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install test lint unit notebooks reproduce pretrain figures clean
+.PHONY: install test lint unit notebooks reproduce pretrain table clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,7 +23,7 @@ lint: install
 
 ## Unit tests and every notebook under nbval, in one pytest run (the CI command).
 test: install lint
-	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) tests notebooks
+	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) --doctest-modules compolab tests notebooks
 
 unit: install
 	TQDM_DISABLE=1 $(BIN)/pytest tests
@@ -44,3 +44,14 @@ pretrain: install
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+## Every method x tuning style on the tiny preset (the FA table of the ITA/IEL issue): runs/table/.
+METHODS ?= ita iel seq naive ewc joint tmc
+STYLES  ?= full lora ia3
+table: install
+	@for m in $(METHODS); do for s in $(STYLES); do \
+	  test -f runs/table/$$m-$$s/results.json || \
+	  $(BIN)/compolab train --method $$m --tuning $$s --out runs/table/$$m-$$s --no-progress --json >/dev/null || exit 1; \
+	done; done
+	@$(PY) -c "import json,glob; rs=[json.load(open(p)) for p in sorted(glob.glob('runs/table/*/results.json'))]; \
+	[print(f\"{r['config']['method']:6s} {r['config']['finetune']['style']:5s} FA {r['final_accuracy']:6.2f}  {r['wall_seconds']:7.1f} s\") for r in rs]"
