@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
 from compolab.models import TINY_VIT, BackboneSpec, make_backbone, tuned_weight_names
+from compolab.tuning import TaskModule, theta0_of
 
 __all__ = ["bench_compose", "bench_fisher", "bench_tmc", "official_loop_fisher"]
 
@@ -204,6 +205,18 @@ def _bench(
     }
 
 
+def _random_modules(style: str, theta0: dict, names: list, n: int, gen: torch.Generator) -> list:
+    """``n`` modules of a style with small random (non-zero) deltas, for timing."""
+    modules = []
+    for _ in range(n):
+        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+        modules.append(module)
+    return modules
+
+
 def _best_time(fn: Callable[[], object], repeats: int) -> float:
     """Fastest of ``repeats`` timed calls (after one warm-up call)."""
     fn()
@@ -235,20 +248,12 @@ def bench_compose(
         "device", "batch_size", "num_modules"}``.
     """
     from compolab.compose import ComposedForward, merge
-    from compolab.models import TINY_VIT, make_backbone, tuned_weight_names
-    from compolab.tuning import TaskModule, theta0_of
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     backbone = make_backbone(TINY_VIT).requires_grad_(False)
     theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
-    taus = []
-    for _ in range(num_modules):
-        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=gen))
-        taus.append(module.delta(theta0).detach())
+    taus = [m.delta(theta0).detach() for m in _random_modules(style, theta0, names, num_modules, gen)]
     x = torch.randn(batch_size, 3, TINY_VIT.img_size, TINY_VIT.img_size, generator=gen)
     composed_1 = merge(backbone, theta0, taus[:1])
     composed_t = merge(backbone, theta0, taus)
@@ -342,7 +347,6 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
     from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
     from compolab.task_vector import TaskVector
     from compolab.tmc import OutputEnsemble, base_head, scaled_square_loss
-    from compolab.tuning import TaskModule, theta0_of
 
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -350,11 +354,7 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
     theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
     head = base_head(TINY_VIT.embed_dim, num_classes, seed=seed)
     components = []
-    for _ in range(num_components):
-        module = TaskModule.create(style, theta0, names, rank=4, generator=gen)
-        with torch.no_grad():
-            for p in module.parameters():
-                p.add_(0.01 * torch.randn(p.shape, generator=gen))
+    for module in _random_modules(style, theta0, names, num_components, gen):
         shapes = {n: p.shape for n, p in head.named_parameters()}
         head_delta = TaskVector({n: 0.01 * torch.randn(shape, generator=gen) for n, shape in shapes.items()})
         components.append(TangentComponent(module.delta(theta0).detach(), head_delta))
