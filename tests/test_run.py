@@ -3,33 +3,19 @@
 import json
 
 import pytest
-import torch
+from conftest import SMALL_WORLD
 
 import compolab.methods as methods
-from compolab.data import TinyWorldConfig, tiny_benchmark
+from compolab.data import tiny_benchmark
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, TrainingDiverged
 from compolab.methods import MethodConfig
-from compolab.models import BackboneSpec, make_backbone
 from compolab.pool import Pool
 from compolab.run import RunConfig, load_results, run, run_config
 
-SMALL = TinyWorldConfig(
-    num_tasks=3, classes_per_task=3, train_per_class=12, val_per_class=2, test_per_class=6
-)
+SMALL = SMALL_WORLD
 FAST = FinetuneConfig(style="lora", rank=2, epochs=1, batch_size=16)
 FAST_METHOD = MethodConfig(pretune_epochs=1, align_epochs=1, align_samples=8)
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return tiny_benchmark(SMALL)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return make_backbone(BackboneSpec(embed_dim=16, depth=2, num_heads=2))
 
 
 def _cfg(method, style="lora", **kw):

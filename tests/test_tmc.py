@@ -5,14 +5,14 @@ import json
 
 import pytest
 import torch
+from conftest import SMALL_SPEC, SMALL_WORLD
 from torch.testing import assert_close
 
-from compolab.data import TinyWorldConfig, tiny_benchmark
 from compolab.editing import plan_composition
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
 from compolab.linearize import LinearizedModel
-from compolab.models import BackboneSpec, fingerprint, make_backbone, tuned_weight_names
+from compolab.models import fingerprint, tuned_weight_names
 from compolab.pool import Pool
 from compolab.run import RunConfig, load_results, run
 from compolab.task_vector import TaskVector
@@ -30,21 +30,8 @@ from compolab.tmc import (
 )
 from compolab.tuning import theta0_of
 
-SMALL = TinyWorldConfig(
-    num_tasks=3, classes_per_task=3, train_per_class=12, val_per_class=2, test_per_class=6
-)
-SPEC = BackboneSpec(embed_dim=16, depth=2, num_heads=2)
-
-
-@pytest.fixture(scope="module")
-def bench():
-    return tiny_benchmark(SMALL)
-
-
-@pytest.fixture(scope="module")
-def backbone():
-    torch.manual_seed(0)
-    return make_backbone(SPEC).requires_grad_(False)
+SMALL = SMALL_WORLD
+SPEC = SMALL_SPEC
 
 
 def test_square_loss_targets_kappa_on_the_true_class_and_zero_elsewhere():
