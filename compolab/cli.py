@@ -1,4 +1,4 @@
-"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``bench``.
+"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``probe``, ``bench``.
 
 Every bad input ends with one line ``compolab: error: ...`` on stderr and exit status 2, before
 any work starts.
@@ -204,6 +204,153 @@ def _cmd_compose(args: argparse.Namespace) -> None:
     _emit(result, args.json)
 
 
+# --------------------------------------------------------------------------- probe
+
+_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
+
+
+def _probe_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
+    """--out / --plot, checked before any work: a .json file and a figure in existing folders."""
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise ConfigError(f"--out must name a .json file, got {args.out!r}")
+    plot = Path(args.plot) if args.plot else None
+    if plot is not None and plot.suffix not in _PLOT_SUFFIXES:
+        raise ConfigError(f"--plot must end in one of {', '.join(_PLOT_SUFFIXES)}, got {args.plot!r}")
+    for path in (out, plot):
+        if path is not None and not path.parent.is_dir():
+            raise ConfigError(f"folder {path.parent} does not exist (for {path.name})")
+    return out, plot
+
+
+def _probe_tasks(args: argparse.Namespace, available: list[int]) -> list[int]:
+    tasks = _ids(args.tasks, "--tasks")
+    if tasks is None:
+        return list(available)
+    unknown = [t for t in tasks if t not in available]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ConfigError(f"--tasks {args.tasks!r}: the pool holds tasks {available}")
+    return tasks
+
+
+def _cmd_probe(args: argparse.Namespace) -> None:
+    from compolab import probes
+    from compolab.pool import Pool
+
+    out, plot = _probe_paths(args)
+    pool = Pool.open(args.pool)
+    tasks = _probe_tasks(args, pool.tasks())
+    if args.what == "interpolate":
+        lambdas = probes.default_lambdas(*args.range, args.steps)
+    elif args.what == "plane":
+        if args.tasks is None:
+            tasks = tasks[: 2 - args.random]
+        if len(tasks) + args.random != 2:
+            raise ConfigError(f"a plane needs 2 directions: {len(tasks)} module(s) + --random {args.random}")
+        probes.default_lambdas(*args.span, args.steps)  # validates the grid
+    pp = probes.open_pool_probe(pool, split=args.split, per_task=args.per_task, seed=args.seed)
+    if args.what == "interpolate" and args.second_order == "diagonal" and pp.fisher is None:
+        raise ConfigError(
+            f"{args.pool}: no diagonal Fisher saved next to this pool (ITA / IEL runs keep one)"
+        )
+    common = dict(progress=args.progress)
+    record: dict = {
+        "probe": args.what,
+        "pool": str(args.pool),
+        "split": args.split,
+        "per_task": args.per_task,
+    }
+    summary: dict = {"probe": args.what, "out": str(out)}
+    if args.what == "interpolate":
+        curves = [(f"τ{t}", [t], pp.taus[t]) for t in tasks]
+        if args.composed:
+            bar = sum(pp.taus[t] for t in tasks) / len(tasks)
+            curves.append(("composed", list(tasks), bar))
+        results, predictions = [], []
+        for label, own, tau in curves:
+            curve = probes.interpolate(pp.backbone, pp.theta0, tau, pp.data, pp.head, lambdas, label=label,
+                                       own=own, **common)  # fmt: skip
+            results.append(curve)
+            if args.second_order != "none":
+                kind = pp.fisher if args.second_order == "diagonal" else args.second_order
+                predictions.append(probes.second_order(pp.backbone, pp.theta0, tau, pp.data, pp.head,
+                                                       curvature=kind, label=label, **common))  # fmt: skip
+        record["curves"] = [c.to_json() for c in results]
+        record["second_order"] = [p.to_json() for p in predictions]
+        summary["loss_at_0_and_1"] = {
+            c.label: [round(c.at(0.0, tasks=c.own), 4), round(c.at(1.0, tasks=c.own), 4)] for c in results
+        }
+    elif args.what == "plane":
+        gen = torch_generator(args.seed)
+        directions = [pp.taus[t] for t in tasks]
+        labels = [f"τ{t}" for t in tasks]
+        for i in range(args.random):
+            directions.append(probes.filter_normalized_direction(pp.theta0, generator=gen))
+            labels.append(f"random {i}")
+        marks = {"θ0": (0.0, 0.0)}
+        marks.update({labels[i]: ((1.0, 0.0), (0.0, 1.0))[i] for i in range(len(tasks))})
+        if len(tasks) == 2:
+            marks["composed"] = (0.5, 0.5)
+        result = probes.plane(pp.backbone, pp.theta0, *directions, pp.data, pp.head, span=tuple(args.span),
+                              steps=args.steps, labels=tuple(labels), marks=marks, **common)  # fmt: skip
+        record["plane"] = result.to_json()
+        summary["loss_at_marks"] = {k: round(result.value(*v), 4) for k, v in marks.items()}
+        results = [result]
+    else:
+        taus = {t: pp.taus[t] for t in tasks}
+        result = probes.jensen_gap(pp.backbone, pp.theta0, taus, pp.data, pp.head, fisher=pp.fisher, **common)
+        record["jensen"] = result.to_json()
+        summary["measured"] = [round(v, 4) for v in result.measured]
+        summary["omega"] = [round(v, 4) for v in result.omega]
+        results = [result]
+    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    if plot is not None:
+        _probe_plot(args.what, results, record, plot)
+        summary["plot"] = str(plot)
+    _emit(summary, args.json)
+
+
+def torch_generator(seed: int):
+    """A CPU generator seeded with ``seed``."""
+    import torch
+
+    return torch.Generator().manual_seed(seed)
+
+
+def _probe_plot(what: str, results: list, record: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from compolab.plotting import use_style
+    from compolab.probes import SecondOrder
+
+    use_style()
+    if what == "interpolate":
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
+        for i, curve in enumerate(results):
+            color = f"C{i % 10}"
+            curve.plot(axes[0], metric="loss", color=color)
+            curve.plot(axes[1], metric="accuracy", color=color)
+            for pred in record["second_order"]:
+                if pred["label"] == curve.label:
+                    so = SecondOrder.from_json(pred)
+                    so.plot(
+                        axes[0], curve.lambdas, tasks=curve.own or None, color=color, lw=1, ls=(0, (1, 1))
+                    )
+        axes[0].legend(fontsize=7)
+        axes[0].set_title("loss along θ0 + λτ")
+        axes[1].set_title("accuracy along θ0 + λτ")
+    else:
+        fig, ax = plt.subplots(figsize=(5.5, 4.2), layout="constrained")
+        results[0].plot(ax)
+        if what == "jensen":
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+
+
 # --------------------------------------------------------------------------- bench
 
 
@@ -287,6 +434,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="weights of the composed tasks, e.g. 0.5,0.5")
     p.add_argument("--eval", action="store_true", help="accuracy on the pool's benchmark")
     p.set_defaults(func=_cmd_compose)
+
+    p = sub.add_parser("probe", help="loss-landscape / basin probes of a pool (figures + JSON)")
+    kinds = p.add_subparsers(dest="what", parser_class=_Parser, required=True)
+    probe = _Parser(add_help=False)
+    probe.add_argument("--pool", required=True, help="pool folder (a run's pool/)")
+    probe.add_argument("--tasks", default=None, help="modules to probe, e.g. 0,2 (default: all)")
+    probe.add_argument("--split", default="train", choices=["train", "val", "test"], help="probe images")
+    probe.add_argument("--per-task", type=_positive(int), default=100, help="probe images per task")
+    probe.add_argument("--out", required=True, help="results file (.json)")
+    probe.add_argument("--plot", default=None, help="figure file (.png, .pdf or .svg)")
+    q = kinds.add_parser("interpolate", parents=[common, probe], help="loss along θ0 + λτ for each module")
+    q.add_argument("--range", nargs=2, type=float, default=[-0.5, 2.0], metavar=("LO", "HI"), help="λ range")
+    q.add_argument("--steps", type=_positive(int), default=41, help="λ values")
+    q.add_argument("--composed", action="store_true", help="also the path to the composition θ0 + λ·mean τ")
+    q.add_argument("--second-order", default="fisher", choices=["none", "fisher", "hessian", "diagonal"],
+                   help="overlay the quadratic prediction from θ0 with this curvature")  # fmt: skip
+    q.set_defaults(func=_cmd_probe)
+    q = kinds.add_parser("plane", parents=[common, probe], help="loss on the plane θ0 + a·u + b·v")
+    q.add_argument(
+        "--span", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"), help="a, b range"
+    )
+    q.add_argument("--steps", type=_positive(int), default=21, help="grid points per axis")
+    q.add_argument("--random", type=int, default=0, choices=[0, 1, 2],
+                   help="filter-normalised random directions (Li et al. 2018) for modules")  # fmt: skip
+    q.set_defaults(func=_cmd_probe)
+    q = kinds.add_parser("jensen", parents=[common, probe], help="composition gap vs Ω as modules are added")
+    q.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
     p.add_argument("what", choices=["compose", "fisher", "tmc"])

@@ -11,6 +11,7 @@ turns timm's ``fused_attn`` off; :func:`hvp` and the functions built on it enter
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -62,7 +63,9 @@ def math_attention(*modules: nn.Module) -> Iterator[None]:
     try:
         for m, _ in saved:
             m.fused_attn = False
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            # torch's own FutureWarning, raised once by the first forward-mode pass
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
             yield
     finally:
         for m, flag in saved:
