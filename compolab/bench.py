@@ -1,10 +1,15 @@
-"""Benchmarks (``compolab bench fisher|compose``): timing goals live here, never in tests.
+"""Benchmarks (``compolab bench compose|fisher|tmc|probe``): timing goals live here, never in tests.
 
 **compose** — :func:`bench_compose`: inference cost of a composed model of T = 1 and T = 10 modules
 (one merged model: the same cost), of an output ensemble of 10 models (10 forwards), and of one
 IEL training step with 1 and 10 frozen modules (pre-merged: the same cost).
 
 **fisher** — exact diagonal Fisher against the official per-class backward loop.
+
+**tmc** — :func:`bench_tmc`: one linearised forward vs one plain forward; a 10-component TMC
+composition vs a 10-model output ensemble.
+
+**probe** — :func:`bench_probe`: one 41-point basin-probe curve, vmapped vs a plain loop.
 
 :func:`bench_fisher` builds one model (the tiny preset's ViT shape, random init, an
 ``IncrementalHead``) and one batch, then times in the same process, round-robin:
@@ -31,7 +36,7 @@ from compolab.heads import IncrementalHead, new_head
 from compolab.models import TINY_VIT, BackboneSpec, make_backbone, tuned_weight_names
 from compolab.tuning import TaskModule, theta0_of
 
-__all__ = ["bench_compose", "bench_fisher", "bench_tmc", "official_loop_fisher"]
+__all__ = ["bench_compose", "bench_fisher", "bench_probe", "bench_tmc", "official_loop_fisher"]
 
 
 def official_loop_fisher(
@@ -422,4 +427,69 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
         "num_components": num_components,
         "style": style,
         "threads": torch.get_num_threads(),
+    }
+
+
+def bench_probe(
+    *,
+    points: int = 41,
+    images: int = 500,
+    num_classes: int = 50,
+    chunk: int = 8,
+    seed: int = 0,
+    threads: int | None = None,
+) -> dict:
+    """Cost of one basin-probe curve (:func:`compolab.probes.interpolate`): ``points`` values of λ on
+    ``images`` probe images (default: the CLI's 41 points, 100 images × 5 tasks).
+
+    On the tiny preset's ViT shape (random init) with a ``num_classes`` head, in one process: the
+    vmapped probe (``chunk`` points per forward, math attention) against the plain loop (one merged
+    model per λ, fused attention). Both curves are compared: ``max_abs_diff`` is their largest loss
+    difference.
+
+    Returns:
+        ``{"curve_seconds", "loop_seconds", "speedup", "point_images_per_s", "max_abs_diff", "points",
+        "images", "chunk", "threads"}``.
+    """
+    import torch.nn.functional as F
+
+    from compolab.compose import merge
+    from compolab.probes import ProbeData, default_lambdas, interpolate
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        backbone = make_backbone(TINY_VIT).requires_grad_(False).eval()
+        theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
+        tau = _random_modules("lora", theta0, names, 1, gen)[0].delta(theta0).detach()
+        theta0 = {n: theta0[n] for n in names}
+        head = new_head(TINY_VIT.embed_dim, num_classes, generator=gen).requires_grad_(False)
+        x = torch.randn(images, 3, TINY_VIT.img_size, TINY_VIT.img_size, generator=gen)
+        y = torch.randint(num_classes, (images,), generator=gen)
+        data = ProbeData({0: x}, {0: y})
+        lambdas = default_lambdas(-0.5, 2.0, points)
+
+        t0 = time.perf_counter()
+        curve = interpolate(backbone, theta0, tau, data, head, lambdas, chunk=chunk, progress=False)
+        curve_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            models = (merge(backbone, theta0, [tau], [lam]) for lam in lambdas)
+            loop = [F.cross_entropy(head(model(x)), y).item() for model in models]
+        loop_seconds = time.perf_counter() - t0
+    finally:
+        torch.set_num_threads(before)
+    return {
+        "curve_seconds": round(curve_seconds, 3),
+        "loop_seconds": round(loop_seconds, 3),
+        "speedup": round(loop_seconds / curve_seconds, 2),
+        "point_images_per_s": round(points * images / curve_seconds),
+        "max_abs_diff": max(abs(a - b) for a, b in zip(curve.loss[0], loop, strict=True)),
+        "points": points,
+        "images": images,
+        "chunk": chunk,
+        "threads": torch.get_num_threads() if threads is None else threads,
     }

@@ -357,7 +357,8 @@ def _probe_plot(what: str, results: list, record: dict, path: Path) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from compolab import bench
 
-    fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher, "tmc": bench.bench_tmc}[args.what]
+    fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher, "tmc": bench.bench_tmc,
+          "probe": bench.bench_probe}[args.what]  # fmt: skip
     _emit(fn(), args.json)
 
 
@@ -463,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
-    p.add_argument("what", choices=["compose", "fisher", "tmc"])
+    p.add_argument("what", choices=["compose", "fisher", "tmc", "probe"])
     p.set_defaults(func=_cmd_bench)
     return parser
 

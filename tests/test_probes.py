@@ -328,3 +328,10 @@ def test_cli_plane_needs_two_directions_and_tmc_pools_are_refused(capsys, pool_d
     (tmc / "pool.json").write_text(json.dumps({**manifest, "method": "tmc"}))
     code, _, err = _cli(capsys, "probe", "jensen", "--pool", str(tmc), "--out", str(tmp_path / "j.json"))
     assert code == 2 and "TMC pool" in err and not (tmp_path / "j.json").exists()
+
+
+def test_bench_probe_curve_equals_the_plain_loop():
+    from compolab.bench import bench_probe
+
+    result = bench_probe(points=3, images=8, num_classes=5, chunk=2, threads=1)
+    assert result["max_abs_diff"] < 1e-4 and result["points"] == 3 and result["curve_seconds"] > 0
