@@ -9,7 +9,7 @@ IEL training step with 1 and 10 frozen modules (pre-merged: the same cost).
 **tmc** — :func:`bench_tmc`: one linearised forward vs one plain forward; a 10-component TMC
 composition vs a 10-model output ensemble.
 
-**probe** — :func:`bench_probe`: one 41-point basin-probe curve, vmapped vs a plain loop.
+**probe** — :func:`bench_probe`: one 41-point basin-probe curve: one point per forward, vmapped, a plain loop.
 
 :func:`bench_fisher` builds one model (the tiny preset's ViT shape, random init, an
 ``IncrementalHead``) and one batch, then times in the same process, round-robin:
@@ -440,16 +440,16 @@ def bench_probe(
     threads: int | None = None,
 ) -> dict:
     """Cost of one basin-probe curve (:func:`compolab.probes.interpolate`): ``points`` values of λ on
-    ``images`` probe images (default: the CLI's 41 points, 100 images × 5 tasks).
+    ``images`` probe images (default: 41 points, 500 images).
 
     On the tiny preset's ViT shape (random init) with a ``num_classes`` head, in one process: the
-    vmapped probe (``chunk`` points per forward, math attention) against the plain loop (one merged
-    model per λ, fused attention). Both curves are compared: ``max_abs_diff`` is their largest loss
-    difference.
+    probe with one point per forward (its CPU default, fused attention), the vmapped probe
+    (``chunk`` points per forward, math attention) and a plain loop (one merged model per λ). The
+    curves are compared: ``max_abs_diff`` is their largest loss difference.
 
     Returns:
-        ``{"curve_seconds", "loop_seconds", "speedup", "point_images_per_s", "max_abs_diff", "points",
-        "images", "chunk", "threads"}``.
+        ``{"curve_seconds", "vmap_seconds", "loop_seconds", "vmap_over_curve", "loop_over_curve",
+        "point_images_per_s", "max_abs_diff", "points", "images", "chunk", "threads"}``.
     """
     import torch.nn.functional as F
 
@@ -473,8 +473,11 @@ def bench_probe(
         lambdas = default_lambdas(-0.5, 2.0, points)
 
         t0 = time.perf_counter()
-        curve = interpolate(backbone, theta0, tau, data, head, lambdas, chunk=chunk, progress=False)
+        curve = interpolate(backbone, theta0, tau, data, head, lambdas, chunk=1, progress=False)
         curve_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        vmapped = interpolate(backbone, theta0, tau, data, head, lambdas, chunk=chunk, progress=False)
+        vmap_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         with torch.no_grad():
             models = (merge(backbone, theta0, [tau], [lam]) for lam in lambdas)
@@ -484,10 +487,14 @@ def bench_probe(
         torch.set_num_threads(before)
     return {
         "curve_seconds": round(curve_seconds, 3),
+        "vmap_seconds": round(vmap_seconds, 3),
         "loop_seconds": round(loop_seconds, 3),
-        "speedup": round(loop_seconds / curve_seconds, 2),
+        "vmap_over_curve": round(vmap_seconds / curve_seconds, 2),
+        "loop_over_curve": round(loop_seconds / curve_seconds, 2),
         "point_images_per_s": round(points * images / curve_seconds),
-        "max_abs_diff": max(abs(a - b) for a, b in zip(curve.loss[0], loop, strict=True)),
+        "max_abs_diff": max(
+            abs(a - b) for other in (vmapped.loss[0], loop) for a, b in zip(curve.loss[0], other, strict=True)
+        ),
         "points": points,
         "images": images,
         "chunk": chunk,

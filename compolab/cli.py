@@ -442,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--pool", required=True, help="pool folder (a run's pool/)")
     probe.add_argument("--tasks", default=None, help="modules to probe, e.g. 0,2 (default: all)")
     probe.add_argument("--split", default="train", choices=["train", "val", "test"], help="probe images")
-    probe.add_argument("--per-task", type=_positive(int), default=100, help="probe images per task")
+    probe.add_argument("--per-task", type=_positive(int), default=50, help="probe images per task")
     probe.add_argument("--out", required=True, help="results file (.json)")
     probe.add_argument("--plot", default=None, help="figure file (.png, .pdf or .svg)")
     q = kinds.add_parser("interpolate", parents=[common, probe], help="loss along θ0 + λτ for each module")

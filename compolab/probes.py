@@ -8,7 +8,10 @@ subspace through θ0:
 
 spanned by directions :math:`d_j` (modules τ_t, their average, filter-normalised random
 directions). :func:`evaluate_points` is the engine: it stacks a chunk of points and runs them with
-one :func:`torch.func.vmap` of the model, so a 41-point curve costs a few batched forwards.
+one :func:`torch.func.vmap` of the model (on a GPU; on the CPU, where the batched math attention
+loses to the fused kernel on batches of a few hundred images, one point at a time). A curve costs
+points × images forwards: on 2 CPU cores ≈ 1,200 point-images per second for the tiny ViT, so a
+41-point curve on 50 images of each of 5 tasks takes ≈ 8 s (``compolab bench probe``).
 
 * :func:`interpolate` — the 1-D path θ0 + λτ (:class:`Interpolation`); :func:`composed_path` is the
   same along the composition θ0 + λ·Σ_t w_t τ_t, :func:`segment` the straight path between two
@@ -27,6 +30,7 @@ forward-over-forward derivative of ``layer_norm`` is wrong (tests/test_probes.py
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -120,7 +124,7 @@ class ProbeData:
         tasks: Sequence[int] | None = None,
         *,
         split: str = "train",
-        per_task: int = 100,
+        per_task: int = 50,
         seed: int = 0,
     ) -> ProbeData:
         """``per_task`` seeded images of each task's ``split``, labels mapped to head columns.
@@ -197,7 +201,7 @@ def evaluate_points(
     head: nn.Module,
     *,
     criterion: Criterion = cross_entropy,
-    chunk: int = 8,
+    chunk: int | None = None,
     batch_size: int = 512,
     progress: bool | None = True,
     desc: str = "probe",
@@ -205,7 +209,10 @@ def evaluate_points(
     r"""Loss and accuracy of ``head ∘ backbone`` at :math:`\theta_0 + \sum_j c_{pj} d_j` for every point p.
 
     ``chunk`` points at a time run as one :func:`torch.func.vmap` of the model (attention through
-    the math kernel, which vmap batches; the fused CPU kernel has no batching rule).
+    the math kernel, which vmap batches; the fused CPU kernel has no batching rule); with
+    ``chunk=1`` every point is a plain forward with the fused kernel. The default (``None``) is
+    1 on the CPU, where vmap gains nothing on batches of a few hundred images (``compolab bench
+    probe``), and 8 on a GPU.
 
     Args:
         backbone: The model at θ0 (eval mode; parameters not in the directions stay as they are).
@@ -215,7 +222,7 @@ def evaluate_points(
         data: The probe images.
         head: Features → outputs (fixed at every point).
         criterion: ``(outputs, targets) -> per-sample losses``.
-        chunk: Points per vmapped forward (memory ∝ chunk · batch_size).
+        chunk: Points per vmapped forward (memory ∝ chunk · batch_size); default by device.
         batch_size: Images per forward.
         progress: Show a progress bar over the chunks.
         desc: Its label.
@@ -232,6 +239,8 @@ def evaluate_points(
     coefs = torch.as_tensor(coefs, dtype=like.dtype, device=like.device)
     if coefs.ndim != 2 or coefs.shape[1] != len(directions) or len(coefs) == 0:
         raise ConfigError(f"coefs must be (points, {len(directions)}), got {tuple(coefs.shape)}")
+    if chunk is None:
+        chunk = 1 if like.device.type == "cpu" else 8
     if chunk < 1 or batch_size < 1:
         raise ConfigError(f"chunk and batch_size must be >= 1, got {chunk} and {batch_size}")
     stacked = {n: torch.stack([d[n].to(like) for d in directions]) for n in names}  # (J, *shape)
@@ -242,10 +251,15 @@ def evaluate_points(
     def outputs(params: dict[str, Tensor], x: Tensor) -> Tensor:
         return head(functional_call(backbone, params, (x,)))
 
+    def batched(params: dict[str, Tensor], x: Tensor) -> Tensor:  # (p, B, C)
+        if chunk == 1:  # one point: a plain forward, fused attention
+            return outputs({n: v[0] for n, v in params.items()}, x)[None]
+        return vmap(outputs, in_dims=(0, None))(params, x)
+
     was_training = backbone.training
     backbone.eval()
     starts = range(0, len(coefs), chunk)
-    with math_attention(backbone):
+    with math_attention(backbone) if chunk > 1 else contextlib.nullcontext():
         for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
             c = coefs[s : s + chunk]
             params = {n: theta0[n].to(like) + torch.tensordot(c, stacked[n], dims=1) for n in names}
@@ -256,7 +270,7 @@ def evaluate_points(
                 )
                 for x, y in _batches(data.x[t], data.y[t], batch_size):
                     x, y = x.to(like.device), y.to(like.device)
-                    out = vmap(outputs, in_dims=(0, None))(params, x)  # (p, B, C)
+                    out = batched(params, x)
                     flat_y = y.expand(len(c), *y.shape).reshape(-1, *y.shape[1:])
                     per_sample = criterion(out.reshape(-1, *out.shape[2:]), flat_y).reshape(len(c), -1)
                     total += per_sample.sum(1).double().cpu()
@@ -376,7 +390,7 @@ def interpolate(
     label: str = "τ",
     own: Sequence[int] = (),
     criterion: Criterion = cross_entropy,
-    chunk: int = 8,
+    chunk: int | None = None,
     batch_size: int = 512,
     progress: bool | None = True,
 ) -> Interpolation:
@@ -439,7 +453,7 @@ def segment(
     label: str = "segment",
     own: Sequence[int] = (),
     criterion: Criterion = cross_entropy,
-    chunk: int = 8,
+    chunk: int | None = None,
     batch_size: int = 512,
     progress: bool | None = True,
 ) -> Interpolation:
@@ -547,7 +561,7 @@ def plane(
     labels: tuple[str, str] = ("u", "v"),
     marks: Mapping[str, tuple[float, float]] | None = None,
     criterion: Criterion = cross_entropy,
-    chunk: int = 8,
+    chunk: int | None = None,
     batch_size: int = 512,
     progress: bool | None = True,
 ) -> Plane:
@@ -811,7 +825,7 @@ def jensen_gap(
     sizes: Sequence[int] | None = None,
     fisher: DiagonalFisher | None = None,
     criterion: Criterion = cross_entropy,
-    chunk: int = 8,
+    chunk: int | None = None,
     batch_size: int = 256,
     progress: bool | None = True,
 ) -> JensenGap:
@@ -905,7 +919,7 @@ class PoolProbe:
 
 
 def open_pool_probe(
-    pool, *, split: str = "train", per_task: int = 100, seed: int = 0, bench=None
+    pool, *, split: str = "train", per_task: int = 50, seed: int = 0, bench=None
 ) -> PoolProbe:
     """Load a pool (folder or :class:`~compolab.pool.Pool`) for probing.
 
