@@ -281,7 +281,9 @@ def _cmd_probe(args: argparse.Namespace) -> None:
             c.label: [round(c.at(0.0, tasks=c.own), 4), round(c.at(1.0, tasks=c.own), 4)] for c in results
         }
     elif args.what == "plane":
-        gen = torch_generator(args.seed)
+        import torch
+
+        gen = torch.Generator().manual_seed(args.seed)
         directions = [pp.taus[t] for t in tasks]
         labels = [f"τ{t}" for t in tasks]
         for i in range(args.random):
@@ -308,13 +310,6 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         _probe_plot(args.what, results, record, plot)
         summary["plot"] = str(plot)
     _emit(summary, args.json)
-
-
-def torch_generator(seed: int):
-    """A CPU generator seeded with ``seed``."""
-    import torch
-
-    return torch.Generator().manual_seed(seed)
 
 
 def _probe_plot(what: str, results: list, record: dict, path: Path) -> None:

@@ -50,7 +50,7 @@ from compolab.methods import TaskContext, _entry, _seeded, register
 from compolab.pool import PoolEntry
 from compolab.tuning import TaskModule
 
-__all__ = ["ita_penalty", "iel_penalty", "head_penalty", "linear_head_fisher"]
+__all__ = ["ita_penalty", "iel_penalty", "head_penalty", "linear_head_fisher", "saved_fisher"]
 
 FISHER_BATCH = 64  # images per batch of the Fisher pass (memory only: the sum is exact)
 
@@ -155,6 +155,17 @@ def _save_state(ctx: TaskContext, t: int) -> None:
     info = {"after_task": t, "fisher_count": ctx.state.get("fisher_count", 0),
             "cpre_classes": [list(c) for c in ctx.state["cpre"].classes]}  # fmt: skip
     meta.write_text(json.dumps(info) + "\n")
+
+
+def saved_fisher(folder: str | Path) -> DiagonalFisher | None:
+    """The running sum of the tasks' diagonal Fishers that an ITA / IEL run keeps in its ``state/``
+    folder (``folder``), or None when the run kept none (e.g. ``ablation="no-reg"``)."""
+    path, meta = Path(folder) / "state.safetensors", Path(folder) / "state.json"
+    if not path.exists() or not meta.exists():
+        return None
+    count = json.loads(meta.read_text()).get("fisher_count", 0)
+    values = {k.split("::", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("fisher::")}
+    return DiagonalFisher(values, count) if values and count else None
 
 
 def _load_state(ctx: TaskContext, t: int) -> None:

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from compolab.curvature import math_attention
 from compolab.errors import ConfigError
 from compolab.fisher_store import DiagonalFisher
+from compolab.linearize import linearized_forward
 from compolab.task_vector import TaskVector
 
 __all__ = [
@@ -627,13 +628,9 @@ def _scalar_derivatives(fn: Callable[[Tensor], Tensor], like: Tensor) -> tuple[T
 
 
 def _output_jvp(backbone, head, theta0, names, tau, x) -> tuple[Tensor, Tensor]:
-    """``(z0, J τ)``: outputs at θ0 and their derivative along τ (one forward-mode pass)."""
-    primal = {n: theta0[n] for n in names}
-    return jvp(
-        lambda p: head(functional_call(backbone, p, (x,))),
-        (primal,),
-        ({n: tau[n].to(primal[n]) for n in names},),
-    )
+    """``(z0, J τ)``: outputs at θ0 and their derivative along τ (the head is fixed: zero tangent)."""
+    tangent = {n: tau[n].to(theta0[n]) for n in names}
+    return linearized_forward(backbone, theta0, tangent, x, head=head)
 
 
 @dataclass
@@ -933,6 +930,7 @@ def open_pool_probe(
             probe them with :mod:`compolab.linearize`).
     """
     from compolab.heads import IncrementalHead
+    from compolab.incremental import saved_fisher
     from compolab.pool import Pool
     from compolab.run import open_pool_world
 
@@ -954,20 +952,5 @@ def open_pool_probe(
     names = list(taus[ids[0]])
     data = ProbeData.from_benchmark(bench, head.global_labels.tolist(), ids, split=split, per_task=per_task,
                                     seed=seed)  # fmt: skip
-    fisher = _pool_fisher(Path(pool.root))
+    fisher = saved_fisher(Path(pool.root).parent / "state")
     return PoolProbe(backbone, {n: theta0[n] for n in names}, taus, head, data, fisher)
-
-
-def _pool_fisher(root: Path) -> DiagonalFisher | None:
-    """The running sum of the tasks' diagonal Fishers that an ITA / IEL run keeps next to its pool
-    (``state/state.safetensors``, keys ``fisher::<name>``), or None."""
-    import json
-
-    from safetensors.torch import load_file
-
-    path, meta = root.parent / "state" / "state.safetensors", root.parent / "state" / "state.json"
-    if not path.exists() or not meta.exists():
-        return None
-    count = json.loads(meta.read_text()).get("fisher_count", 0)
-    values = {k.split("::", 1)[1]: v for k, v in load_file(str(path)).items() if k.startswith("fisher::")}
-    return DiagonalFisher(values, count) if values and count else None
