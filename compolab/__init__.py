@@ -13,17 +13,17 @@ Submodules stay importable for the rest (``compolab.curvature``, ``compolab.tmc`
 
 from compolab.compose import ComposedForward, merge
 from compolab.config import PRESETS, Preset, get_preset, load_benchmark_for, load_theta0
-from compolab.curvature import hvp, math_attention
+from compolab.curvature import hvp
 from compolab.data import ArrayDataset, Benchmark, Task, TinyWorldConfig, make_loader, tiny_benchmark
 from compolab.editing import CompositionPlan, compose_pool, plan_composition
-from compolab.errors import CompolabError, ConfigError, DataNotFoundError
+from compolab.errors import CompolabError, ConfigError, DataNotFoundError, TrainingDiverged
 from compolab.evaluate import evaluate_tasks, final_average
-from compolab.finetune import FinetuneConfig, TrainingDiverged, finetune_task
+from compolab.finetune import FinetuneConfig, finetune_task
 from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
-from compolab.incremental import head_penalty, iel_penalty, ita_penalty
 from compolab.linear_probe import extract_features, fit_linear_probe, probe_accuracy
 from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized, linearized_forward
+from compolab.methods import head_penalty, iel_penalty, ita_penalty
 from compolab.models import (
     PAPER_VIT,
     TINY_VIT,
@@ -31,6 +31,8 @@ from compolab.models import (
     fingerprint,
     load_backbone,
     make_backbone,
+    math_attention,
+    theta0_of,
     tuned_weight_names,
 )
 from compolab.plotting import image_grid, savefig, use_style
@@ -49,7 +51,7 @@ from compolab.probes import (
 )
 from compolab.run import RunConfig, load_results, run, run_config
 from compolab.task_vector import TaskVector, compose
-from compolab.tuning import TaskModule, theta0_of
+from compolab.tuning import TaskModule
 from compolab.world import ALL_CLASSES, PATTERNS, SHAPES, generate, world_split
 
 __version__ = "0.1.0"

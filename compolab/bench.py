@@ -15,7 +15,7 @@ composition vs a 10-model output ensemble.
 ``IncrementalHead``) and one batch, then times in the same process, round-robin:
 
 * the kit's exact Fisher (:func:`compolab.fisher.diagonal_fisher`: batched backward over classes);
-* the official code's method (spec §A.5.4): all parameters frozen, the input multiplied by a dummy
+* the official code's method: all parameters frozen, the input multiplied by a dummy
   ``requires_grad`` scalar so that ``register_full_backward_hook`` fires, and one
   ``backward(retain_graph=True)`` per class of :math:`\\sum_n \\sqrt{p_c}\\,\\log p_c`;
 * the approximations (top-k classes, Monte Carlo with 1 and 10 labels, empirical), with their
@@ -33,8 +33,8 @@ from torch import Tensor, nn
 
 from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
-from compolab.models import TINY_VIT, BackboneSpec, make_backbone, tuned_weight_names
-from compolab.tuning import TaskModule, theta0_of
+from compolab.models import TINY_VIT, BackboneSpec, make_backbone, theta0_of, tuned_weight_names
+from compolab.tuning import TaskModule
 
 __all__ = ["bench_compose", "bench_fisher", "bench_probe", "bench_tmc", "official_loop_fisher"]
 
@@ -44,7 +44,7 @@ def official_loop_fisher(
 ) -> dict[str, Tensor]:
     """The official code's exact Fisher of one batch: one backward per class, full backward hooks.
 
-    A plain transcription of ``__compute_fisher_hooks`` (spec §A.5.3–4), kept as the speed baseline.
+    A plain transcription of ``__compute_fisher_hooks``, kept as the speed baseline.
 
     Args:
         backbone: Maps ``x`` to features; ``names`` are ``nn.Linear`` weights of it.
@@ -315,10 +315,11 @@ def bench_tmc(
     * ``plain``: one forward of a merged model θ0 + τ and its head (fused attention);
     * ``linearized``: one linearised forward, f(θ0) + Jτ with the head linearised too (primal +
       tangent pass, MATH attention);
-    * ``tmc``: the composition of ``num_components`` components (one linearised forward);
+    * ``tangent``: the composition of ``num_components`` components (one linearised forward);
     * ``ensemble``: the output ensemble of ``num_components`` merged non-linear models (T forwards);
     * ``tme``: the output ensemble of the ``num_components`` linearised models (T linearised
-      forwards; the same outputs as ``tmc``, whose gap to it is reported as ``tmc_vs_tme_max_abs``);
+      forwards; the same outputs as ``tangent``, whose gap to it is reported as
+      ``tangent_vs_tme_max_abs``);
     * one training step (forward + backward) of a linearised component against one of the
       ordinary fine-tuning forward (:class:`~compolab.compose.ComposedForward`).
 
@@ -332,8 +333,8 @@ def bench_tmc(
         threads: CPU threads for the run (restored afterwards); default: leave torch's setting.
 
     Returns:
-        ``{"linearized_over_plain", "tmc10_over_plain", "ensemble10_over_plain", "tme10_over_plain",
-        "ensemble10_over_tmc10", "linearized_step_over_plain_step", "tmc_vs_tme_max_abs", "seconds",
+        ``{"linearized_over_plain", "tangent10_over_plain", "ensemble10_over_plain", "tme10_over_plain",
+        "ensemble10_over_tangent10", "linearized_step_over_plain_step", "tangent_vs_tme_max_abs", "seconds",
         "device", "batch_size", "num_components", "style", "threads"}`` (the ``10`` in the keys is
         ``num_components``).
     """
@@ -368,7 +369,7 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
     y = torch.randint(num_classes, (batch_size,), generator=gen)
     plain = merge(backbone, theta0, taus[:1], [1.0])
     linearized = compose_linearized(backbone, components[:1], head=head)
-    tmc = compose_linearized(backbone, components, head=head)
+    tangent = compose_linearized(backbone, components, head=head)
     ensemble = OutputEnsemble(backbone, theta0, taus, heads=head)
     tme = [compose_linearized(backbone, [c], head=head) for c in components]
 
@@ -398,11 +399,11 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
         return step
 
     with torch.no_grad():
-        gap = float((_forward(tmc, x) - tme_forward()).abs().max())
+        gap = float((_forward(tangent, x) - tme_forward()).abs().max())
     measured = {
         "plain": lambda: head(_forward(plain, x)),
         "linearized": lambda: _forward(linearized, x),
-        "tmc": lambda: _forward(tmc, x),
+        "tangent": lambda: _forward(tangent, x),
         "ensemble": lambda: _forward(ensemble, x),
         "tme": tme_forward,
         "plain_step": plain_step(),
@@ -415,12 +416,12 @@ def _bench_tmc(num_components: int, batch_size: int, num_classes: int, repeats: 
     t = num_components
     return {
         "linearized_over_plain": round(seconds["linearized"] / seconds["plain"], 3),
-        f"tmc{t}_over_plain": round(seconds["tmc"] / seconds["plain"], 3),
+        f"tangent{t}_over_plain": round(seconds["tangent"] / seconds["plain"], 3),
         f"ensemble{t}_over_plain": round(seconds["ensemble"] / seconds["plain"], 3),
         f"tme{t}_over_plain": round(seconds["tme"] / seconds["plain"], 3),
-        f"ensemble{t}_over_tmc{t}": round(seconds["ensemble"] / seconds["tmc"], 3),
+        f"ensemble{t}_over_tangent{t}": round(seconds["ensemble"] / seconds["tangent"], 3),
         "linearized_step_over_plain_step": round(seconds["linearized_step"] / seconds["plain_step"], 3),
-        "tmc_vs_tme_max_abs": gap,
+        "tangent_vs_tme_max_abs": gap,
         "seconds": {k: round(v, 5) for k, v in seconds.items()},
         "device": "cpu",
         "batch_size": batch_size,

@@ -173,12 +173,15 @@ def _cmd_train(args: argparse.Namespace) -> None:
 def _cmd_compose(args: argparse.Namespace) -> None:
     from compolab.editing import compose_pool, plan_composition
     from compolab.evaluate import evaluate_tasks, final_average
+    from compolab.methods import get_method
     from compolab.pool import Pool
     from compolab.run import open_pool_world
 
     pool = Pool.open(args.pool)
     if not pool.tasks():
         raise CompolabError(f"{pool.root} holds no module yet")
+    method = pool.manifest.get("method")  # a hand-made pool names none: its modules are merged
+    compose = get_method(method).compose if method is not None else compose_pool
     plan = plan_composition(
         pool.tasks(),
         tasks=_ids(args.tasks, "--tasks"),
@@ -190,12 +193,7 @@ def _cmd_compose(args: argparse.Namespace) -> None:
     backbone, theta0, bench = open_pool_world(pool, load_data=args.eval)
     sha = pool.manifest["theta0_sha256"]
     entries = {t: pool.load(t, theta0_sha256=sha) for t in plan.tasks + plan.negated}
-    if pool.manifest.get("method") == "tmc":  # TMC composes the linearised model, not the merged one
-        from compolab.tmc import compose_tmc_pool
-
-        model, head = compose_tmc_pool(backbone, theta0, entries, plan)
-    else:
-        model, head = compose_pool(backbone, theta0, entries, plan)
+    model, head = compose(backbone, theta0, entries, plan)  # TMC: the linearised model
     result: dict = {"composition": plan.describe(), "num_classes": len(head.global_labels)}
     if args.eval:
         acc = evaluate_tasks(model, head, bench, plan.tasks, progress=args.progress)
@@ -206,144 +204,21 @@ def _cmd_compose(args: argparse.Namespace) -> None:
 
 # --------------------------------------------------------------------------- probe
 
-_PLOT_SUFFIXES = (".png", ".pdf", ".svg")
-
-
-def _probe_paths(args: argparse.Namespace) -> tuple[Path, Path | None]:
-    """--out / --plot, checked before any work: a .json file and a figure in existing folders."""
-    out = Path(args.out)
-    if out.suffix != ".json":
-        raise ConfigError(f"--out must name a .json file, got {args.out!r}")
-    plot = Path(args.plot) if args.plot else None
-    if plot is not None and plot.suffix not in _PLOT_SUFFIXES:
-        raise ConfigError(f"--plot must end in one of {', '.join(_PLOT_SUFFIXES)}, got {args.plot!r}")
-    for path in (out, plot):
-        if path is not None and not path.parent.is_dir():
-            raise ConfigError(f"folder {path.parent} does not exist (for {path.name})")
-    return out, plot
-
-
-def _probe_tasks(args: argparse.Namespace, available: list[int]) -> list[int]:
-    tasks = _ids(args.tasks, "--tasks")
-    if tasks is None:
-        return list(available)
-    unknown = [t for t in tasks if t not in available]
-    if unknown or not tasks or len(set(tasks)) != len(tasks):
-        raise ConfigError(f"--tasks {args.tasks!r}: the pool holds tasks {available}")
-    return tasks
-
 
 def _cmd_probe(args: argparse.Namespace) -> None:
-    from compolab import probes
-    from compolab.pool import Pool
+    from compolab.probes.command import probe_pool
 
-    out, plot = _probe_paths(args)
-    pool = Pool.open(args.pool)
-    tasks = _probe_tasks(args, pool.tasks())
     if args.what == "interpolate":
-        lambdas = probes.default_lambdas(*args.range, args.steps)
+        options = dict(lambda_range=tuple(args.range), steps=args.steps, composed=args.composed,
+                       curvature=args.second_order)  # fmt: skip
     elif args.what == "plane":
-        if args.tasks is None:
-            tasks = tasks[: 2 - args.random]
-        if len(tasks) + args.random != 2:
-            raise ConfigError(f"a plane needs 2 directions: {len(tasks)} module(s) + --random {args.random}")
-        probes.default_lambdas(*args.span, args.steps)  # validates the grid
-    pp = probes.open_pool_probe(pool, split=args.split, per_task=args.per_task, seed=args.seed)
-    if args.what == "interpolate" and args.second_order == "diagonal" and pp.fisher is None:
-        raise ConfigError(
-            f"{args.pool}: no diagonal Fisher saved next to this pool (ITA / IEL runs keep one)"
-        )
-    common = dict(progress=args.progress)
-    record: dict = {
-        "probe": args.what,
-        "pool": str(args.pool),
-        "split": args.split,
-        "per_task": args.per_task,
-    }
-    summary: dict = {"probe": args.what, "out": str(out)}
-    if args.what == "interpolate":
-        curves = [(f"τ{t}", [t], pp.taus[t]) for t in tasks]
-        if args.composed:
-            bar = sum(pp.taus[t] for t in tasks) / len(tasks)
-            curves.append(("composed", list(tasks), bar))
-        results, predictions = [], []
-        for label, own, tau in curves:
-            curve = probes.interpolate(pp.backbone, pp.theta0, tau, pp.data, pp.head, lambdas, label=label,
-                                       own=own, **common)  # fmt: skip
-            results.append(curve)
-            if args.second_order != "none":
-                kind = pp.fisher if args.second_order == "diagonal" else args.second_order
-                predictions.append(probes.second_order(pp.backbone, pp.theta0, tau, pp.data, pp.head,
-                                                       curvature=kind, label=label, **common))  # fmt: skip
-        record["curves"] = [c.to_json() for c in results]
-        record["second_order"] = [p.to_json() for p in predictions]
-        summary["loss_at_0_and_1"] = {
-            c.label: [round(c.at(0.0, tasks=c.own), 4), round(c.at(1.0, tasks=c.own), 4)] for c in results
-        }
-    elif args.what == "plane":
-        import torch
-
-        gen = torch.Generator().manual_seed(args.seed)
-        directions = [pp.taus[t] for t in tasks]
-        labels = [f"τ{t}" for t in tasks]
-        for i in range(args.random):
-            directions.append(probes.filter_normalized_direction(pp.theta0, generator=gen))
-            labels.append(f"random {i}")
-        marks = {"θ0": (0.0, 0.0)}
-        marks.update({labels[i]: ((1.0, 0.0), (0.0, 1.0))[i] for i in range(len(tasks))})
-        if len(tasks) == 2:
-            marks["composed"] = (0.5, 0.5)
-        result = probes.plane(pp.backbone, pp.theta0, *directions, pp.data, pp.head, span=tuple(args.span),
-                              steps=args.steps, labels=tuple(labels), marks=marks, **common)  # fmt: skip
-        record["plane"] = result.to_json()
-        summary["loss_at_marks"] = {k: round(result.value(*v), 4) for k, v in marks.items()}
-        results = [result]
+        options = dict(span=tuple(args.span), steps=args.steps, random=args.random)
     else:
-        taus = {t: pp.taus[t] for t in tasks}
-        result = probes.jensen_gap(pp.backbone, pp.theta0, taus, pp.data, pp.head, fisher=pp.fisher, **common)
-        record["jensen"] = result.to_json()
-        summary["measured"] = [round(v, 4) for v in result.measured]
-        summary["omega"] = [round(v, 4) for v in result.omega]
-        results = [result]
-    out.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
-    if plot is not None:
-        _probe_plot(args.what, results, record, plot)
-        summary["plot"] = str(plot)
+        options = {}
+    summary = probe_pool(args.what, args.pool, args.out, plot=args.plot, tasks=_ids(args.tasks, "--tasks"),
+                         split=args.split, per_task=args.per_task, seed=args.seed, progress=args.progress,
+                         **options)  # fmt: skip
     _emit(summary, args.json)
-
-
-def _probe_plot(what: str, results: list, record: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from compolab.plotting import use_style
-    from compolab.probes import SecondOrder
-
-    use_style()
-    if what == "interpolate":
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), layout="constrained")
-        for i, curve in enumerate(results):
-            color = f"C{i % 10}"
-            curve.plot(axes[0], metric="loss", color=color)
-            curve.plot(axes[1], metric="accuracy", color=color)
-            for pred in record["second_order"]:
-                if pred["label"] == curve.label:
-                    so = SecondOrder.from_json(pred)
-                    so.plot(
-                        axes[0], curve.lambdas, tasks=curve.own or None, color=color, lw=1, ls=(0, (1, 1))
-                    )
-        axes[0].legend(fontsize=7)
-        axes[0].set_title("loss along θ0 + λτ")
-        axes[1].set_title("accuracy along θ0 + λτ")
-    else:
-        fig, ax = plt.subplots(figsize=(5.5, 4.2), layout="constrained")
-        results[0].plot(ax)
-        if what == "jensen":
-            ax.legend(fontsize=8)
-    fig.savefig(path, dpi=150, bbox_inches="tight")
-    plt.close(fig)
 
 
 # --------------------------------------------------------------------------- bench

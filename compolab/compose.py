@@ -1,9 +1,9 @@
 """The composed model :math:`\\theta_0 + \\sum_t w_t \\tau_t`, for training and for inference.
 
 * :class:`ComposedForward` trains the current task's module *inside* the composed model (IEL's
-  forward pass, spec §A.1): the earlier task vectors are frozen and **pre-merged once** into one
+  forward pass): the earlier task vectors are frozen and **pre-merged once** into one
   dense tensor per target weight, so a step costs one ordinary forward and backward whatever the
-  number of frozen modules (spec §A.2.5; ``shared/guides/ecosystem.md`` §2). ITA's individual
+  number of frozen modules (the paper's constant cost in T). ITA's individual
   training is the special case with no frozen task vectors.
 * :func:`merge` loads the composed weights into an ordinary copy of the backbone: inference
   costs one model whatever :math:`T`.
@@ -138,7 +138,7 @@ def merge(
     taus: Sequence[TaskVector],
     coefs: Sequence[float] | None = None,
 ) -> nn.Module:
-    """An ordinary copy of ``backbone`` at :math:`\\theta_0 + \\sum_t w_t \\tau_t` (spec §A.1).
+    """An ordinary copy of ``backbone`` at :math:`\\theta_0 + \\sum_t w_t \\tau_t`.
 
     Args:
         backbone: The model to copy (not modified).

@@ -5,15 +5,13 @@ built with ``torch.func.functional_call`` (:func:`make_loss_fn`), so the same co
 and any subset of its parameters.
 
 Second derivatives need attention kernels that support double backward and forward-mode AD; the
-fused ones (flash / memory-efficient SDPA) do not. :func:`math_attention` selects the MATH backend and
-turns timm's ``fused_attn`` off; :func:`hvp` and the functions built on it enter it themselves.
+fused ones (flash / memory-efficient SDPA) do not: :func:`hvp` and the functions built on it select
+the MATH backend themselves (:func:`compolab.models.math_attention` also turns timm's ``fused_attn`` off).
 """
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,11 +21,11 @@ from torch.func import functional_call, grad, jvp, vjp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compolab.errors import ConfigError
+from compolab.models import math_attention  # noqa: F401  (re-exported: compolab.probes imports it here)
 
 __all__ = [
     "LossFn",
     "TraceEstimate",
-    "math_attention",
     "make_loss_fn",
     "hvp",
     "top_eigenvalues",
@@ -38,38 +36,6 @@ __all__ = [
 ]
 
 LossFn = Callable[[dict[str, Tensor]], Tensor]
-
-
-@contextmanager
-def math_attention(*modules: nn.Module) -> Iterator[None]:
-    """Attention through plain differentiable ops, for forward-mode AD and double backward.
-
-    Selects the MATH backend of ``scaled_dot_product_attention`` and sets ``fused_attn = False`` on
-    every submodule of ``modules`` that has it (timm's ``Attention``), restoring the flags on exit.
-
-    Args:
-        modules: Models whose timm attention layers should skip the fused kernel.
-
-    Examples:
-        >>> from torch import nn
-        >>> layer = nn.Module(); layer.fused_attn = True
-        >>> with math_attention(layer):
-        ...     print(layer.fused_attn)
-        False
-        >>> layer.fused_attn
-        True
-    """
-    saved = [(m, m.fused_attn) for root in modules for m in root.modules() if hasattr(m, "fused_attn")]
-    try:
-        for m, _ in saved:
-            m.fused_attn = False
-        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
-            # torch's own FutureWarning, raised once by the first forward-mode pass
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-            yield
-    finally:
-        for m, flag in saved:
-            m.fused_attn = flag
 
 
 def make_loss_fn(

@@ -1,7 +1,7 @@
 """The paper preset's class-incremental benchmarks, read from their usual on-disk formats.
 
-:data:`DATASETS` describes the seven benchmarks of the paper's tables (spec A.9.1): task split,
-expected layout under a data root, normalisation and transforms (spec A.9.2).
+:data:`DATASETS` describes the seven benchmarks of the paper's tables: task split,
+expected layout under a data root, normalisation and transforms.
 :func:`load_benchmark` turns one of them into a :class:`~compolab.data.Benchmark`, with classes in
 their natural order (sorted folder names, or the official class list) and global labels
 ``0 .. C - 1``. Nothing is downloaded unless ``download=True``, and only CIFAR-100 can be (through
@@ -213,7 +213,7 @@ class DatasetInfo:
         ``img_size``.
 
         Without ``center_crop`` (CropDisease): Resize((224, 224), bicubic) -> ToTensor ->
-        Normalize. That is the spec's Resize(224) on PlantVillage's square images, and the
+        Normalize. That is the released config's Resize(224) on PlantVillage's square images, and the
         fixed shape keeps any other image batchable.
         """
         bicubic = T.InterpolationMode.BICUBIC
@@ -224,7 +224,7 @@ class DatasetInfo:
         return T.Compose([*resize, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
 
-#: The paper's seven benchmarks (spec A.9.1), by registry name.
+#: The paper's seven benchmarks, by registry name.
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (

@@ -3,7 +3,7 @@
 All three are one operation, θ0 + Σ_{t ∈ S} w_t τ_t − λ Σ_{k ∈ N} τ_k, with the heads of the
 tasks in S only:
 
-* **composition** — S = every task, w_t = 1/T (the paper's evaluation, spec §A.1);
+* **composition** — S = every task, w_t = 1/T (the paper's evaluation);
 * **unlearning** — drop τ_k from S (its classes leave the output), or also *negate* it
   (k ∈ N, weight −λ), as in task arithmetic;
 * **specialization** — S = a chosen subset, optionally re-weighted.
@@ -24,6 +24,7 @@ from compolab.compose import merge
 from compolab.errors import ConfigError
 from compolab.heads import IncrementalHead
 from compolab.pool import PoolEntry
+from compolab.task_vector import uniform_coefs
 
 __all__ = ["CompositionPlan", "plan_composition", "compose_pool"]
 
@@ -99,7 +100,7 @@ def plan_composition(
     if both:
         raise ConfigError(f"task(s) {both} cannot be both composed and negated")
     if coefs is None:
-        coefs = [1.0 / len(kept)] * len(kept)
+        coefs = uniform_coefs(len(kept))
     elif len(coefs) != len(kept):
         raise ConfigError(f"got {len(coefs)} weights for {len(kept)} composed tasks {kept}")
     if not (negate_coef >= 0 and negate_coef < float("inf")):

@@ -6,7 +6,7 @@ The command-line interface prints ``compolab: error: <message>`` and exits with 
 
 from __future__ import annotations
 
-__all__ = ["CompolabError", "ConfigError", "DataNotFoundError"]
+__all__ = ["CompolabError", "ConfigError", "DataNotFoundError", "TrainingDiverged"]
 
 
 class CompolabError(Exception):
@@ -19,3 +19,7 @@ class ConfigError(CompolabError, ValueError):
 
 class DataNotFoundError(CompolabError, FileNotFoundError):
     """A dataset is not where it should be; the message says where its files go."""
+
+
+class TrainingDiverged(CompolabError, FloatingPointError):
+    """A loss became NaN or infinite; training stops and nothing of the current task is saved."""

@@ -1,7 +1,7 @@
 """Class-incremental evaluation: per-task accuracy of a (composed) model and the final average.
 
 Predictions are class-IL: the argmax runs over every class of the included heads, without task
-identity (spec §A.1). The final average accuracy (FA, spec §A.9.1) is the mean over tasks of the
+identity. The final average accuracy (FA, the paper's tables) is the mean over tasks of the
 test accuracy after the last task.
 """
 

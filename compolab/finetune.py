@@ -1,18 +1,21 @@
-"""Fine-tuning of one task's module τ_t and head h_t, alone or inside the composed model.
+"""The training loop every method shares, and the fine-tuning of one task's module τ_t and head h_t.
 
-This is the plain loop every method shares: a forward at θ0 + Σ_s w_s τ_s (frozen, pre-merged) +
-w·τ_t (trainable), the current head on top, cross-entropy over the current task's classes only
-(the logits of past classes masked out, spec §A.3.2 item 1), AdamW with the paper's per-epoch
-cosine factor (spec §A.8), and an optional penalty added to the loss (autograd differentiates it).
-ITA, IEL and the baselines (``compolab.methods``) choose what is frozen, the weights and the
-penalty.
+:func:`train_loop` runs the epochs: per-epoch learning-rate factor, micro-batches accumulated into
+one optimiser step, an optional penalty (a loss term, or the paper's decoupled SGD step), a
+:class:`~compolab.errors.TrainingDiverged` on the first non-finite loss, and a per-epoch history.
+:func:`finetune_task` uses it for ITA, IEL, EWC and the baselines: a forward at
+θ0 + Σ_s w_s τ_s (frozen, pre-merged) + w·τ_t (trainable), the current head on top, cross-entropy
+over the current task's classes only (the logits of past classes masked out, as the official
+code), AdamW with the paper's per-epoch cosine factor. TMC (:func:`compolab.tmc.train_component`)
+uses it with its own model, loss and schedule. The methods (``compolab.methods``) choose what is
+frozen, the weights and the penalty.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -21,39 +24,33 @@ from tqdm.auto import tqdm
 
 from compolab.compose import ComposedForward
 from compolab.data import Task, make_loader
-from compolab.errors import CompolabError, ConfigError
+from compolab.errors import ConfigError, TrainingDiverged
 from compolab.heads import new_head
 from compolab.task_vector import TaskVector
-from compolab.tuning import TaskModule
+from compolab.tuning import STYLES, TaskModule
 
 __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
-    "TrainingDiverged",
     "cosine_factor",
     "decoupled_penalty_step",
+    "train_loop",
     "finetune_task",
+    "feature_width",
 ]
-
-STYLES = ("full", "lora", "ia3")
-
-
-class TrainingDiverged(CompolabError, FloatingPointError):
-    """A loss became NaN or infinite; the run stops and nothing of this task is saved."""
-
 
 @dataclass(frozen=True)
 class FinetuneConfig:
     """Hyper-parameters of one task's fine-tuning.
 
     Attributes:
-        style: Tuning style: ``full``, ``lora`` or ``ia3`` (spec §A.7).
+        style: Tuning style: ``full``, ``lora`` or ``ia3`` (:data:`compolab.tuning.STYLES`).
         rank: LoRA rank r (3r on ``attn.qkv``).
         epochs: Passes over the task's training set.
         batch_size: Images per forward pass (micro-batch).
         accumulate: Micro-batches per optimiser step (the paper: 8 images x 16 = 128).
-        lr: AdamW learning rate of the module and of the head (spec: 3e-4).
-        weight_decay: AdamW weight decay (spec: 0).
+        lr: AdamW learning rate of the module and of the head (the paper: 3e-4).
+        weight_decay: AdamW weight decay (the paper: 0).
         seed: Seed of the module's initialisation and of the batch order.
     """
 
@@ -68,7 +65,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise ConfigError(f"unknown tuning style {self.style!r}; choose one of {list(STYLES)}")
+            raise ConfigError(f"unknown tuning style {self.style!r}; choose one of {sorted(STYLES)}")
         for f in ("rank", "epochs", "batch_size", "accumulate"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"FinetuneConfig.{f} must be > 0, got {getattr(self, f)}")
@@ -88,7 +85,7 @@ class FinetuneResult:
 
 
 def cosine_factor(epoch: int, epochs: int) -> float:
-    r"""The paper's per-epoch learning-rate factor :math:`\cos(99\pi e / (200 (K-1)))` (spec §A.8).
+    r"""The paper's per-epoch learning-rate factor :math:`\cos(99\pi e / (200 (K-1)))` (official code).
 
     It goes from 1 at the first epoch to :math:`\cos(0.495\pi) \approx 0.0157` at the last.
 
@@ -104,7 +101,7 @@ def cosine_factor(epoch: int, epochs: int) -> float:
 def decoupled_penalty_step(
     penalty: Tensor, params: Sequence[nn.Parameter], *, step: float, clip: float = 100.0
 ) -> Tensor:
-    r"""The paper's decoupled penalty update (spec §A.3.2 item 7, §A.8): one plain SGD step.
+    r"""The paper's decoupled penalty update (LoRA and (IA)³ only, as the paper): one plain SGD step.
 
     For every parameter tensor separately, the gradient of ``penalty`` is clipped to norm
     ``clip`` and applied as :math:`p \leftarrow p - s\,g` with :math:`s` the current cosine factor
@@ -132,6 +129,93 @@ def decoupled_penalty_step(
     return penalty.detach()
 
 
+def train_loop(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable,
+    cfg: FinetuneConfig,
+    *,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    head: nn.Module | None = None,
+    lr_factor: Callable[[int, int], float] = cosine_factor,
+    penalty: Callable[[], Tensor] | None = None,
+    decoupled: Sequence[nn.Parameter] | None = None,
+    offset: int = 0,
+    desc: str = "train",
+    progress: bool | None = False,
+    device: str | torch.device = "cpu",
+) -> list[dict]:
+    r"""``cfg.epochs`` passes over ``loader``: the one training loop of fine-tuning and TMC.
+
+    Per epoch, every parameter group's learning rate is ``cfg.lr * lr_factor(epoch, cfg.epochs)``;
+    per micro-batch, the loss ``loss_fn(head(model(x)), y - offset)`` (plus the penalty when it is
+    coupled) is back-propagated divided by ``cfg.accumulate``, and every ``cfg.accumulate``
+    micro-batches (and after the last one) the optimiser steps.
+
+    Args:
+        model: Maps images to outputs (put in training mode each epoch).
+        optimizer: Holds the trainable tensors.
+        loader: ``(x, y)`` micro-batches with global labels.
+        cfg: Epochs, accumulation and base learning rate.
+        loss_fn: ``loss_fn(outputs, labels)`` → scalar.
+        head: Applied to ``model``'s outputs when given.
+        lr_factor: ``lr_factor(epoch, epochs)``: the schedule (:func:`cosine_factor`).
+        penalty: ``penalty()`` → scalar: added to every micro-batch's loss (coupled), or, with
+            ``decoupled``, applied by :func:`decoupled_penalty_step` before every optimiser step.
+        decoupled: The tensors of the decoupled penalty step (its step size is ``lr_factor``).
+        offset: Subtracted from the labels (the first label of the task).
+        desc: Names the task in the progress bar and in errors.
+        progress: Show a progress bar.
+        device: Where the batches go.
+
+    Returns:
+        One dict per epoch: ``epoch``, mean ``loss``, mean ``penalty``, ``train_accuracy`` (%).
+
+    Raises:
+        TrainingDiverged: If a loss or penalty becomes NaN or infinite.
+    """
+    history = []
+    for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr * lr_factor(epoch, cfg.epochs)
+        totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        num_batches = len(loader)
+        for i, (x, y) in enumerate(loader):
+            x, y = x.to(device), y.to(device) - offset
+            outputs = model(x) if head is None else head(model(x))
+            loss = loss_fn(outputs, y)
+            coupled = penalty is not None and decoupled is None
+            reg = penalty() if coupled else torch.zeros((), device=device)
+            total = loss + reg
+            if not torch.isfinite(total):
+                raise TrainingDiverged(
+                    f"{desc}, epoch {epoch}: loss is {loss.item()} and penalty {reg.item()}; "
+                    "the run stops here (earlier modules stay saved)"
+                )
+            (total / cfg.accumulate).backward()
+            if (i + 1) % cfg.accumulate == 0 or i + 1 == num_batches:
+                if penalty is not None and decoupled is not None:
+                    reg = decoupled_penalty_step(penalty(), decoupled, step=lr_factor(epoch, cfg.epochs))
+                    if not torch.isfinite(reg):
+                        raise TrainingDiverged(f"{desc}, epoch {epoch}: penalty is {reg.item()}")
+                optimizer.step()  # a short last group of micro-batches still makes one step
+                optimizer.zero_grad(set_to_none=True)
+            totals["loss"] += loss.item() * len(y)
+            totals["penalty"] += reg.item() * len(y)
+            totals["correct"] += (outputs.argmax(1) == y).sum().item()
+            totals["seen"] += len(y)
+        n = max(totals["seen"], 1)
+        history.append({
+            "epoch": epoch,
+            "loss": totals["loss"] / n,
+            "penalty": totals["penalty"] / n,
+            "train_accuracy": 100.0 * totals["correct"] / n,
+        })  # fmt: skip
+    return history
+
+
 def finetune_task(
     backbone: nn.Module,
     theta0: dict[str, Tensor],
@@ -154,7 +238,7 @@ def finetune_task(
 
     Args:
         backbone: The frozen backbone θ0 (its parameters are not changed).
-        theta0: θ0's named parameters (``compolab.tuning.theta0_of(backbone)``).
+        theta0: θ0's named parameters (``compolab.models.theta0_of(backbone)``).
         task: The task; its labels are global, ``offset`` is its first label.
         offset: First global label of the task.
         cfg: Hyper-parameters.
@@ -166,7 +250,7 @@ def finetune_task(
         head: Start from this head (default: a fresh truncated-normal one).
         penalty: ``penalty(module, head)`` → scalar; added to the loss at every micro-batch
             (coupled), or applied by :func:`decoupled_penalty_step` at every optimiser step.
-        decoupled: Apply the penalty as the paper's separate SGD step (spec §A.8).
+        decoupled: Apply the penalty as the paper's separate SGD step.
         progress: Show a progress bar.
         device: Where to train.
 
@@ -181,7 +265,7 @@ def finetune_task(
     if module is None:
         module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)
     if head is None:
-        head = new_head(_width(backbone), task.num_classes, generator=gen)
+        head = new_head(feature_width(backbone), task.num_classes, generator=gen)
     model = ComposedForward(backbone, theta0, frozen, frozen_coefs, module=module, coef=coef)
     model.to(device)
     head.to(device)
@@ -190,51 +274,20 @@ def finetune_task(
         lr=cfg.lr, weight_decay=cfg.weight_decay,
     )  # fmt: skip
     trainable = [p for p in [*module.parameters(), *head.parameters()] if p.requires_grad]
-    history = []
     loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    for epoch in tqdm(range(cfg.epochs), desc=f"task {task.index}", disable=not progress, leave=False):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * cosine_factor(epoch, cfg.epochs)
-        totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device) - offset
-            logits = head(model(x))  # only the current head: past-class logits are masked out
-            loss = nn.functional.cross_entropy(logits, y)
-            coupled = penalty is not None and not decoupled
-            reg = penalty(module, head) if coupled else torch.zeros((), device=device)
-            total = loss + reg
-            if not torch.isfinite(total):
-                raise TrainingDiverged(
-                    f"task {task.index}, epoch {epoch}: loss is {loss.item()} and penalty "
-                    f"{reg.item()}; the run stops here (earlier modules stay saved)"
-                )
-            (total / cfg.accumulate).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
-                if penalty is not None and decoupled:
-                    reg = decoupled_penalty_step(penalty(module, head), trainable,
-                                                 step=cosine_factor(epoch, cfg.epochs))  # fmt: skip
-                    if not torch.isfinite(reg):
-                        raise TrainingDiverged(f"task {task.index}, epoch {epoch}: penalty is {reg.item()}")
-                opt.step()  # a short last group of micro-batches still makes one step
-                opt.zero_grad(set_to_none=True)
-            totals["loss"] += loss.item() * len(y)
-            totals["penalty"] += reg.item() * len(y)
-            totals["correct"] += (logits.argmax(1) == y).sum().item()
-            totals["seen"] += len(y)
-        n = max(totals["seen"], 1)
-        history.append({
-            "epoch": epoch,
-            "loss": totals["loss"] / n,
-            "penalty": totals["penalty"] / n,
-            "train_accuracy": 100.0 * totals["correct"] / n,
-        })  # fmt: skip
+    history = train_loop(
+        model, opt, loader, cfg,
+        loss_fn=nn.functional.cross_entropy,  # only the current head: past-class logits are masked out
+        head=head,
+        penalty=None if penalty is None else lambda: penalty(module, head),
+        decoupled=trainable if decoupled else None,
+        offset=offset, desc=f"task {task.index}", progress=progress, device=device,
+    )  # fmt: skip
     module.eval()
     return FinetuneResult(module, head, history, time.time() - t0)
 
 
-def _width(backbone: nn.Module) -> int:
+def feature_width(backbone: nn.Module) -> int:
     """Feature width of a timm backbone."""
     width = getattr(backbone, "num_features", None) or getattr(backbone, "embed_dim", None)
     if not width:

@@ -1,4 +1,4 @@
-"""The diagonal Fisher information at :math:`\\theta_0`: the curvature behind ITA and IEL (spec §A.2.4, §A.5).
+"""The diagonal Fisher information at :math:`\\theta_0`: the curvature behind ITA and IEL.
 
 The paper replaces the Hessian of the loss by the diagonal of the **true** Fisher of the classifier,
 
@@ -7,7 +7,7 @@ The paper replaces the Hessian of the loss by the diagonal of the **true** Fishe
     F = \\sum_n \\sum_{c} p_c(x_n) \\big(\\nabla_\\theta \\log p_c(x_n)\\big)^{\\odot 2},
 
 an expectation over the model's own predictive distribution (softmax over *all* classes of the
-head), with per-sample gradients that sum over tokens before squaring (spec §A.5.3–4). For softmax
+head), with per-sample gradients that sum over tokens before squaring. For softmax
 cross-entropy this is also the diagonal of the generalised Gauss–Newton matrix.
 
 :func:`diagonal_fisher` computes it exactly with one batched backward over the classes instead of
@@ -88,7 +88,7 @@ def _cotangents(
     eye = torch.eye(n_cls, dtype=p.dtype, device=p.device)
     if kind == "exact":  # d(sqrt(p_c) log p_c)/dz = sqrt(p_c) (e_c - p), one row per class
         classes = torch.arange(n_cls, device=p.device)
-        if top_k is not None and top_k < n_cls:  # official speed knob (spec §A.5.6): biased low
+        if top_k is not None and top_k < n_cls:  # official speed knob: biased low
             counts = torch.bincount(p.topk(top_k, dim=1).indices.flatten(), minlength=n_cls)
             classes = torch.argsort(-counts, stable=True)[:top_k]
         return p[:, classes].T.sqrt().unsqueeze(-1) * (eye[classes].unsqueeze(1) - p)
@@ -173,7 +173,7 @@ def diagonal_fisher(
     generator: torch.Generator | None = None,
     progress: bool = False,
 ) -> DiagonalFisher:
-    """Diagonal Fisher of ``head(backbone(x))`` summed over the samples of ``loader`` (spec §A.5).
+    """Diagonal Fisher of ``head(backbone(x))`` summed over the samples of ``loader``.
 
     With :math:`p = \\mathrm{softmax}(z)` over all classes of the head:
 

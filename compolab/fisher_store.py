@@ -3,37 +3,29 @@
 A :class:`DiagonalFisher` keeps the Fisher **summed** over samples together with the number of
 samples, so that Fishers of several loaders (or tasks) add exactly; :meth:`DiagonalFisher.mean` gives
 the per-sample mean :math:`\\bar F` used in the penalties. :class:`FisherAccumulator` reproduces how
-the official code normalises per-task Fishers for ITA (spec §A.3.2.5) and IEL (spec §A.4.1).
+the official code normalises per-task Fishers for ITA and IEL.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from compolab.errors import CompolabError, ConfigError
+from compolab.io import write_safetensors
+from compolab.task_vector import key_mismatch
 
 __all__ = ["PAPER_FISHER_FLOOR", "DiagonalFisher", "FisherAccumulator"]
 
-#: The official code's damping of every Fisher (the ``1e-5`` floors of spec §A.5.5).
+#: The official code's damping of every Fisher (its ``1e-5`` floors).
 PAPER_FISHER_FLOOR = 1e-5
 _FORMAT = "compolab.DiagonalFisher/1"
-
-
-def _key_problem(left: Mapping[str, Tensor], right: Mapping[str, Tensor]) -> str:
-    missing = sorted(k for k in left if k not in right)
-    extra = sorted(k for k in right if k not in left)
-    shapes = sorted(k for k in left if k in right and left[k].shape != right[k].shape)
-    parts = [f"missing keys {missing}"] * bool(missing) + [f"extra keys {extra}"] * bool(extra)
-    return "; ".join(parts + [f"mismatched shapes {shapes}"] * bool(shapes))
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,7 +75,7 @@ class DiagonalFisher:
         """Fisher of the union of both sample sets (sums values and counts)."""
         if not isinstance(other, DiagonalFisher):
             return NotImplemented
-        if problem := _key_problem(self.values, other.values):
+        if problem := key_mismatch(self.values, other.values):
             raise ConfigError(f"cannot add Fishers with different parameters: {problem}")
         summed = {k: v + other.values[k].to(v.device) for k, v in self.values.items()}
         return DiagonalFisher(summed, self.num_samples + other.num_samples)
@@ -111,7 +103,7 @@ class DiagonalFisher:
         """:math:`\\sum_i \\bar F_i \\, \\delta_i^2`: the diagonal quadratic form of the mean Fisher.
 
         Half of it approximates the KL divergence between the model at :math:`\\theta` and at
-        :math:`\\theta + \\delta` (spec §A.2.4). Differentiable in ``delta``.
+        :math:`\\theta + \\delta`. Differentiable in ``delta``.
 
         Args:
             delta: A displacement (e.g. a task vector), keyed like the Fisher.
@@ -121,7 +113,7 @@ class DiagonalFisher:
         Raises:
             ConfigError: If ``delta`` lacks a key of the Fisher (or, when strict, has extra keys).
         """
-        problem = _key_problem(self.values, {k: v for k, v in delta.items() if strict or k in self.values})
+        problem = key_mismatch(self.values, {k: v for k, v in delta.items() if strict or k in self.values})
         if problem:
             raise ConfigError(f"delta does not match the Fisher: {problem}")
         mean = self.mean(floor)
@@ -133,16 +125,9 @@ class DiagonalFisher:
         return DiagonalFisher({k: v.to(*args, **kwargs) for k, v in self.values.items()}, self.num_samples)
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file whose header metadata holds the sample count (atomic: temp + rename)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.values.items()}
+        """Write a safetensors file whose header metadata holds the sample count (atomically)."""
         meta = {"format": _FORMAT, "num_samples": self.num_samples}
-        try:
-            save_file(tensors, str(tmp), metadata={"compolab": json.dumps(meta)})
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_safetensors(path, self.values, metadata={"compolab": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> DiagonalFisher:
@@ -163,7 +148,7 @@ class DiagonalFisher:
 
 
 class FisherAccumulator:
-    """Running sums of per-task Fishers, normalised as ITA (spec §A.3.2.5) and IEL (spec §A.4.1) do.
+    """Running sums of per-task Fishers, normalised as ITA and IEL do.
 
     Call :meth:`add_task` with :math:`f_t` (summed over the :math:`n_t` samples of task ``t``) at the
     start of each task, then read the matrix of the *current* task ``t`` (the last one added):
@@ -182,7 +167,7 @@ class FisherAccumulator:
     Args:
         prior: :math:`\\epsilon`, the official ``1e-5``.
         official_bookkeeping: The official normaliser :math:`N^{prev}_t = n_0 + \\sum_{s=0}^{t-2} n_s`
-            (counts :math:`n_0` twice and omits :math:`n_{t-1}`; spec §A.3.2.5, §A.11.5). Default
+            (counts :math:`n_0` twice and omits :math:`n_{t-1}`). Default
             False: the fixed :math:`\\sum_{s<t} n_s`. Both agree when all tasks have the same size.
 
     Examples:
@@ -212,7 +197,7 @@ class FisherAccumulator:
         """Start a new task with its Fisher :math:`f_t` (summed over its samples)."""
         if fisher.num_samples == 0:
             raise ConfigError("a task Fisher needs at least one sample")
-        if self._all and (problem := _key_problem(self._all, fisher.values)):
+        if self._all and (problem := key_mismatch(self._all, fisher.values)):
             raise ConfigError(f"task {self.num_tasks} Fisher does not match the earlier ones: {problem}")
         self._previous = {k: v.clone() for k, v in self._all.items()}
         self._all = {k: self._all[k] + v if self._all else v.clone() for k, v in fisher.values.items()}

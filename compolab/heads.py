@@ -1,9 +1,9 @@
 """Per-task classification heads, concatenated into one class-incremental classifier.
 
 The paper's network head is a list of linear heads, one per task (768 → classes of task s), whose
-logits are concatenated; older heads are frozen when a new one is added (spec §A.6). The head
+logits are concatenated; older heads are frozen when a new one is added. The head
 follows the composition: composing a subset of tasks keeps only their heads, so the classes of a
-dropped task disappear from the output (spec §A.10.4).
+dropped task disappear from the output.
 """
 
 from __future__ import annotations
@@ -73,12 +73,12 @@ class IncrementalHead(nn.Module):
         return self.global_labels.to(features.device)[self(features).argmax(-1)]
 
 
-# --------------------------------------------------------------------------- pre-tuning (spec §A.6)
+# --------------------------------------------------------------------------- pre-tuning
 
 
 @dataclass
 class ClassGaussians:
-    """Per-class diagonal Gaussian statistics of θ0's features (spec §A.6, simplified).
+    """Per-class diagonal Gaussian statistics of θ0's features (the official code's, simplified).
 
     The paper fits a mixture of 5 diagonal Gaussians per class; the kit keeps one diagonal
     Gaussian per class, which is what classifier alignment samples from.
@@ -175,7 +175,7 @@ def pretune_heads(
     batch_size: int = 128,
     seed: int = 0,
 ) -> IncrementalHead:
-    """Task pre-consolidation (spec §A.6): returns the new pre-tuned classifier :math:`C_{pre}`.
+    """Task pre-consolidation: returns the new pre-tuned classifier :math:`C_{pre}`.
 
     On a copy of ``pretuned`` (whose last head is the current task's): linear probing of the
     current head on θ0 features with the past-class logits masked (SGD, ``probe_lr``), then

@@ -1,4 +1,4 @@
-r"""The linearised ("tangent") model of TMC (spec §B.2, §B.3.1): a first-order Taylor expansion at θ0.
+r"""The linearised ("tangent") model of TMC: a first-order Taylor expansion at θ0.
 
 .. math:: f_{lin}(x;\theta_0+\tau) = f(x;\theta_0) + J_\theta f(x;\theta_0)\,\tau
 
@@ -15,7 +15,7 @@ with a frozen base head :math:`(W_0, b_0)` and its tangent :math:`(\Delta W, \De
 
 The model is linear in the tangent, so the composition of components (:func:`compose_linearized`)
 is exactly (up to rounding) the average of their outputs, at the cost of one linearised forward,
-and dropping a component (unlearning) leaves no residual (spec §B.2, §B.3.3).
+and dropping a component (unlearning) leaves no residual.
 """
 
 from __future__ import annotations
@@ -28,11 +28,10 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, jvp, linearize
 
-from compolab.curvature import math_attention
 from compolab.errors import ConfigError
-from compolab.models import tuned_weight_names
-from compolab.task_vector import TaskVector
-from compolab.tuning import TaskModule, theta0_of
+from compolab.models import math_attention, theta0_of, tuned_weight_names
+from compolab.task_vector import TaskVector, uniform_coefs
+from compolab.tuning import TaskModule
 
 __all__ = [
     "LinearizedModel",
@@ -183,7 +182,7 @@ class TangentComponent:
 
 
 class LinearizedModel(nn.Module):
-    r"""A model linearised at θ0: :math:`f(x;\theta_0) + J_\theta f(x;\theta_0)\,\tau` (spec §B.2).
+    r"""A model linearised at θ0: :math:`f(x;\theta_0) + J_\theta f(x;\theta_0)\,\tau`.
 
     The tangent :math:`\tau` is either ``module.delta(theta0)`` of a
     :class:`~compolab.tuning.TaskModule` (any style; it lives in the module's parameters) or a dense
@@ -319,7 +318,7 @@ def compose_linearized(
     theta0: Mapping[str, Tensor] | None = None,
     head: nn.Module | None = None,
 ) -> LinearizedModel:
-    r"""TMC's composition: the linearised model at :math:`\tau = \sum_i \lambda_i \tau_i` (spec §B.2).
+    r"""TMC's composition: the linearised model at :math:`\tau = \sum_i \lambda_i \tau_i`.
 
     Because the model is linear in τ, its output is exactly :math:`\sum_i \lambda_i f_{lin}(x;
     \theta_0+\tau_i)` (when :math:`\sum_i\lambda_i = 1`): the output ensemble of the components at the
@@ -360,7 +359,7 @@ def compose_linearized(
     kept = [k for k in sorted(comps) if k not in set(drop)]
     if not kept:
         raise ConfigError("nothing left to compose: every component is dropped")
-    coefs = [1.0 / len(kept)] * len(kept) if coefs is None else list(coefs)
+    coefs = uniform_coefs(len(kept)) if coefs is None else list(coefs)
     if len(coefs) != len(kept):
         raise ConfigError(f"got {len(coefs)} coefs for {len(kept)} kept components {kept}")
     tau = sum(c * comps[k].tau for c, k in zip(coefs, kept, strict=True))

@@ -3,8 +3,7 @@
 The transformer blocks are always timm's own ``VisionTransformer`` blocks: that is where the
 modules live (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every block). The tiny ViT
 only swaps the linear patch projection for a small convolutional stem: on the tiny world a plain
-patch embedding stays at chance for hundreds of CPU steps, while the conv stem learns at once
-(``shared/guides/offline_assets.md`` §4).
+patch embedding stays at chance for hundreds of CPU steps, while the conv stem learns at once.
 
 A backbone maps images to features: the CLS token after the final LayerNorm (``num_classes=0``),
 as in the paper's code. Classification heads are separate modules (``compolab.heads``).
@@ -14,15 +13,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from compolab.errors import CompolabError, ConfigError
+from compolab.io import write_json, write_safetensors
 
 __all__ = [
     "BackboneSpec",
@@ -31,9 +35,12 @@ __all__ = [
     "conv_stem",
     "make_backbone",
     "load_backbone",
+    "save_backbone",
     "shipped_checkpoint",
     "fingerprint",
     "tuned_weight_names",
+    "theta0_of",
+    "math_attention",
 ]
 
 
@@ -152,6 +159,27 @@ def tuned_weight_names(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_parameters() if n.startswith("blocks.") and n.endswith(suffixes)]
 
 
+def theta0_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Tensor]:
+    """Detached clones of a model's named parameters: the anchor :math:`\\theta_0`.
+
+    Args:
+        model: The pre-trained model.
+        names: Parameters to keep; default: all of them.
+
+    Returns:
+        ``name -> tensor``, independent of later changes to ``model``.
+
+    Raises:
+        ConfigError: Listing the names that are not parameters of ``model``.
+    """
+    params = dict(model.named_parameters())
+    names = list(params) if names is None else list(names)
+    missing = [n for n in names if n not in params]
+    if missing:
+        raise ConfigError(f"names not among the model's parameters: {missing}")
+    return {n: params[n].detach().clone() for n in names}
+
+
 def fingerprint(model: nn.Module | dict[str, torch.Tensor]) -> str:
     """sha256 of a model's parameters and buffers (names, shapes, dtypes and bytes), in name order."""
     state = model.state_dict() if isinstance(model, nn.Module) else model
@@ -204,6 +232,53 @@ def load_backbone(path: str | Path | None = None) -> tuple[nn.Module, dict]:
     if card.get("sha256") and fingerprint(model) != card["sha256"]:
         raise CompolabError(f"backbone checkpoint {path} does not match the sha256 of its card")
     return model.eval(), card
+
+
+def save_backbone(model: nn.Module, path: str | Path, card: dict) -> dict:
+    """Write ``model``'s weights as safetensors and ``card`` (plus its sha256) as JSON, atomically.
+
+    Returns:
+        The card as written (with ``sha256``, the :func:`fingerprint` of the weights).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    card = {**card, "sha256": fingerprint(state)}
+    write_safetensors(path, state, metadata={"compolab_format": "1", "kind": "backbone"})
+    write_json(path.with_suffix(".json"), card)
+    return card
+
+
+@contextmanager
+def math_attention(*modules: nn.Module) -> Iterator[None]:
+    """Attention through plain differentiable ops, for forward-mode AD and double backward.
+
+    Selects the MATH backend of ``scaled_dot_product_attention`` and sets ``fused_attn = False`` on
+    every submodule of ``modules`` that has it (timm's ``Attention``), restoring the flags on exit.
+
+    Args:
+        modules: Models whose timm attention layers should skip the fused kernel.
+
+    Examples:
+        >>> from torch import nn
+        >>> layer = nn.Module(); layer.fused_attn = True
+        >>> with math_attention(layer):
+        ...     print(layer.fused_attn)
+        False
+        >>> layer.fused_attn
+        True
+    """
+    saved = [(m, m.fused_attn) for root in modules for m in root.modules() if hasattr(m, "fused_attn")]
+    try:
+        for m, _ in saved:
+            m.fused_attn = False
+        with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+            # torch's own FutureWarning, raised once by the first forward-mode pass
+            warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
+            yield
+    finally:
+        for m, flag in saved:
+            m.fused_attn = flag
 
 
 def spec_dict(spec: BackboneSpec) -> dict:

@@ -7,7 +7,7 @@ Layout of a pool folder::
     task_000.json          card: task, classes, method, style, hyper-parameters, metrics,
                            θ0 fingerprint, sha256 of the .safetensors file
 
-Every write is atomic (temporary name, then ``os.replace``), tensors first and card last: a card
+Every write is atomic (:mod:`compolab.io`), tensors first and card last: a card
 exists only next to a complete tensor file, and the card's sha256 catches any later damage.
 Loading checks the θ0 fingerprint against the backbone in use and refuses a mismatch. Nothing is
 ever unpickled: files are read with ``safetensors`` only.
@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from compolab.errors import CompolabError, ConfigError
+from compolab.io import write_json, write_safetensors
 from compolab.tuning import TaskModule
 
 __all__ = ["POOL_FORMAT", "PoolEntry", "Pool", "file_sha256"]
@@ -41,15 +41,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -105,7 +96,7 @@ class Pool:
             return pool
         root.mkdir(parents=True, exist_ok=True)
         manifest = {"compolab_format": POOL_FORMAT, "theta0_sha256": theta0_sha256, **description}
-        _atomic_write(root / "pool.json", lambda p: p.write_text(json.dumps(manifest, indent=2) + "\n"))
+        write_json(root / "pool.json", manifest)
         return cls(root, manifest)
 
     @classmethod
@@ -148,7 +139,7 @@ class Pool:
             tensors[_HEAD + name] = p.detach().contiguous().clone()
         path, card_path = self._paths(entry.task)
         meta = {"compolab_format": POOL_FORMAT, "task": str(entry.task), "style": entry.module.style}
-        _atomic_write(path, lambda p: save_file(tensors, str(p), metadata=meta))
+        write_safetensors(path, tensors, metadata=meta)
         card = {
             **entry.card,
             "task": entry.task,
@@ -159,7 +150,7 @@ class Pool:
             "sha256": file_sha256(path),
         }
         entry.card = card
-        _atomic_write(card_path, lambda p: p.write_text(json.dumps(card, indent=2) + "\n"))
+        write_json(card_path, card)
         return path
 
     def load(self, task: int, *, theta0_sha256: str) -> PoolEntry:

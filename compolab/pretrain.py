@@ -12,8 +12,6 @@ discarded (only the backbone is saved).
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,17 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from compolab.data import ArrayDataset
-from compolab.errors import ConfigError
+from compolab.errors import ConfigError, TrainingDiverged
 from compolab.linear_probe import probe_accuracy
-from compolab.models import TINY_VIT, BackboneSpec, fingerprint, make_backbone
+from compolab.models import TINY_VIT, BackboneSpec, make_backbone, save_backbone
 from compolab.world import PATTERNS, SHAPES, cached_generate, world_split
 
-__all__ = ["PretrainConfig", "pretrain", "probe_datasets", "save_backbone"]
+__all__ = ["PretrainConfig", "pretrain", "probe_datasets"]
 
 
 @dataclass(frozen=True)
@@ -86,21 +83,6 @@ def probe_datasets(
         )
         out.append(ArrayDataset(images, labels))
     return out[0], out[1], len(classes)
-
-
-def save_backbone(model: nn.Module, path: str | Path, card: dict) -> dict:
-    """Write ``model``'s weights as safetensors and ``card`` (plus its sha256) as JSON, atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    card = {**card, "sha256": fingerprint(state)}
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file(state, str(tmp), metadata={"compolab_format": "1", "kind": "backbone"})
-    os.replace(tmp, path)
-    tmp_card = path.with_name(f".{path.stem}.json.tmp{os.getpid()}")
-    tmp_card.write_text(json.dumps(card, indent=2) + "\n")
-    os.replace(tmp_card, path.with_suffix(".json"))
-    return card
 
 
 def pretrain(
@@ -160,7 +142,7 @@ def pretrain(
         aux = aux + nn.functional.cross_entropy(heads["pattern"](f), pattern_of[y])
         total = loss + cfg.aux_weight * aux
         if not torch.isfinite(total):
-            raise FloatingPointError(f"pre-training loss is {total.item()} at step {step}")
+            raise TrainingDiverged(f"pre-training loss is {total.item()} at step {step}")
         opt.zero_grad(set_to_none=True)
         total.backward()
         nn.utils.clip_grad_norm_(params, 1.0)

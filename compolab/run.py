@@ -9,13 +9,15 @@
 
 Results are rewritten after every task, so a killed run keeps every finished task, and
 ``resume=True`` starts again at the first unfinished one. A NaN / infinite loss stops the run
-with :class:`~compolab.finetune.TrainingDiverged`; the modules already saved stay valid.
+with :class:`~compolab.errors.TrainingDiverged`; the modules already saved stay valid.
+
+The driver knows no method by name: it asks the :class:`~compolab.methods.Method` which tasks
+it trains, how to compose and which tasks to evaluate.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -23,16 +25,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from compolab.config import get_preset, load_benchmark_for, load_theta0
+from compolab.config import get_preset, load_benchmark_for, load_theta0, preset_configs
 from compolab.data import Benchmark
 from compolab.editing import plan_composition
 from compolab.errors import CompolabError, ConfigError
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
-from compolab.methods import METHODS, MethodConfig, TaskContext, train_task
-from compolab.models import fingerprint, tuned_weight_names
-from compolab.pool import Pool
-from compolab.tuning import theta0_of
+from compolab.io import write_json
+from compolab.methods import DEFAULT_METHOD, MethodConfig, TaskContext, get_method
+from compolab.models import fingerprint, theta0_of, tuned_weight_names
+from compolab.pool import Pool, PoolEntry
 
 __all__ = ["RunConfig", "run_config", "run", "load_results", "open_pool_world"]
 
@@ -42,7 +44,7 @@ class RunConfig:
     """Everything that defines a run (stored in ``config.json``).
 
     Attributes:
-        method: ``ita``, ``iel``, ``seq``, ``naive``, ``ewc``, ``joint`` or ``tmc`` (``compolab.methods``).
+        method: A name of ``compolab.methods.METHODS``.
         preset: ``tiny`` or ``paper``.
         dataset: Benchmark name; default: the preset's.
         finetune: Per-task fine-tuning hyper-parameters (style, epochs, lr, ...).
@@ -50,7 +52,7 @@ class RunConfig:
         checkpoint: θ0 checkpoint (tiny preset); default: the shipped one.
     """
 
-    method: str = "ita"
+    method: str = DEFAULT_METHOD
     preset: str = "tiny"
     dataset: str | None = None
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -58,8 +60,7 @@ class RunConfig:
     checkpoint: str | None = None
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown method {self.method!r}; choose one of {list(METHODS)}")
+        get_method(self.method)  # validates the name
         get_preset(self.preset)  # validates the name
 
     def to_json(self) -> dict:
@@ -75,12 +76,6 @@ class RunConfig:
         data["finetune"] = FinetuneConfig(**data.get("finetune", {}))
         data["method_cfg"] = MethodConfig(**data.get("method_cfg", {}))
         return cls(**data)
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def load_results(out: str | Path) -> dict:
@@ -159,7 +154,7 @@ def run(
     names = tuned_weight_names(theta0_model)
     sha = fingerprint(theta0_model)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "config.json", cfg.to_json())
+    write_json(out / "config.json", cfg.to_json())
     pool = Pool.create(out / "pool", theta0_sha256=sha, benchmark={"name": bench.name, **bench.info},
                        preset=cfg.preset, checkpoint=cfg.checkpoint, method=cfg.method)  # fmt: skip
     results = previous or {
@@ -170,80 +165,47 @@ def run(
     wall_before, t_start = results.get("wall_seconds", 0.0), time.time()
     done = len(results["accuracy_matrix"])
     log = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the whole run
-    ctx = TaskContext(cfg.method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,
-                      device=device, progress=progress)  # fmt: skip
-    ctx.state["dir"] = str(out / "state")
+    method = get_method(cfg.method)
+    ctx = TaskContext(method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,
+                      device=device, progress=progress, state_dir=out / "state")  # fmt: skip
     entries = pool.load_all(theta0_sha256=sha) if done else {}
     entries = {t: e for t, e in entries.items() if t < done}
     ctx.restore(entries)
-    tasks = [0] if cfg.method == "joint" else range(bench.num_tasks)
-    for t in tasks:
+    for t in method.tasks(bench):
         if t < done:
             continue
         t0 = time.time()
         log.write(f"{time.strftime('%H:%M:%S')} task {t}: training ({cfg.method}, {cfg.finetune.style})\n")
         log.flush()
-        entry = train_task(ctx, t)
+        entry = method.train(ctx, t)
         pool.save(entry)
         entries[t] = entry
         ctx.finish(entry)
         seconds = time.time() - t0
-        row = _evaluate_after(ctx, entries, cfg, bench, t)
+        row = _evaluate_after(ctx, entries, t)
         results["accuracy_matrix"].append(row)
         results["composed_accuracy"].append(round(sum(row) / len(row), 2))
         results["task_seconds"].append(round(seconds, 2))
         log.write(f"{time.strftime('%H:%M:%S')} task {t}: {seconds:.1f}s, accuracy {row}\n")
         log.flush()
         results["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-        _write_json(out / "results.json", results)
+        write_json(out / "results.json", results)
     last = results["accuracy_matrix"][-1]
     results["final_accuracy"] = round(sum(last) / len(last), 2)
     results["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-    _write_json(out / "results.json", results)
+    write_json(out / "results.json", results)
     log.close()
     return results
 
 
-def _evaluate_after(ctx: TaskContext, entries: dict, cfg: RunConfig, bench: Benchmark, t: int) -> list:
-    """Row t of the accuracy matrix: accuracy on tasks 0..t of the composition after task t."""
-    if cfg.method == "joint":
-        seen = list(range(bench.num_tasks))
-        model, head = ctx.joint_model(entries[0])
-    else:
-        seen = list(range(t + 1))
-        plan = plan_composition(sorted(entries), coefs=ctx.eval_coefs(len(entries)))
-        model, head = ctx.eval_model(entries, plan)
-    acc = evaluate_tasks(model, head, bench, seen, device=ctx.device)
+def _evaluate_after(ctx: TaskContext, entries: dict[int, PoolEntry], t: int) -> list:
+    """Row t of the accuracy matrix: accuracy on the evaluated tasks of the composition after task t."""
+    method = ctx.method
+    seen = method.evaluated_tasks(ctx.bench, t)
+    plan = plan_composition(sorted(entries), coefs=method.eval_coefs(len(entries)))
+    model, head = method.compose(ctx.backbone, ctx.theta0, entries, plan)
+    acc = evaluate_tasks(model, head, ctx.bench, seen, device=ctx.device)
     return [round(acc[s], 2) for s in seen]
-
-
-#: Per-task fine-tuning of the presets. ``paper``: spec §A.8 / §A.9.2 (mammoth
-#: ``models/config/second_order.yaml``, ``seq-cifar100-224``): AdamW lr 3e-4, wd 0, micro-batch 8
-#: accumulated 16 times, 20 epochs, LoRA r = 16.
-FINETUNE_PRESETS = {
-    "tiny": FinetuneConfig(style="lora", rank=4, epochs=4, batch_size=64, accumulate=1, lr=3e-3),
-    "paper": FinetuneConfig(style="lora", rank=16, epochs=20, batch_size=8, accumulate=16, lr=3e-4),
-}
-#: Method knobs of the presets. ``paper``: ITA α = 0.02, req_weight_cls 0.025, simple 0.001,
-#: 3 pre-tuning epochs at lr 0.01, 10 (+5 per task) alignment epochs of 256 samples per class;
-#: IEL β = 20 with req_weight_cls 0.1 (the released command, spec §A.4.1).
-METHOD_PRESETS = {
-    # tiny: the Monte-Carlo Fisher (one sampled label per image, unbiased) on 200 images per task
-    # keeps a run in seconds; the exact Fisher costs ≈ C backward passes per image
-    # (see `compolab bench fisher`).
-    # The penalty is a loss term (coupled) for every style: the paper's decoupled SGD step is not
-    # scaled by the learning rate, fits its alpha = 0.02, and diverges at the tiny preset's alpha.
-    "tiny": MethodConfig(alpha=1000.0, beta=1000.0, fisher_kind="mc", fisher_samples=200, decoupled=False),
-    "paper": MethodConfig(alpha=0.02, beta=20.0, req_weight_cls=0.025, simple_reg_weight_cls=0.001,
-                          pretune_epochs=3, pretune_lr=0.01, align_epochs=10, align_samples=256),
-}
-#: Datasets whose released config differs from CIFAR-100's (spec §A.9.2, CropDisease).
-DATASET_OVERRIDES = {
-    "cropdisease": (
-        {"epochs": 5},
-        {"alpha": 5.0, "req_weight_cls": 0.1, "simple_reg_weight_cls": 0.01, "pretune_epochs": 1},
-    ),
-}
 
 
 def run_config(
@@ -262,21 +224,14 @@ def run_config(
     seed: int = 0,
     checkpoint: str | None = None,
 ) -> RunConfig:
-    """A run configuration from a preset's defaults plus explicit overrides (``compolab train``).
+    """A run configuration from a preset's defaults (:func:`compolab.config.preset_configs`) plus
+    explicit overrides (``compolab train``).
 
     Every value is validated here, before any data or weights are loaded.
     """
     p = get_preset(preset)
-    if method not in METHODS:
-        raise ConfigError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-    ft = replace(FINETUNE_PRESETS[p.name], style=tuning, seed=seed)
-    mc = METHOD_PRESETS[p.name]
-    name = dataset or p.dataset
-    if p.name == "paper" and name in DATASET_OVERRIDES:
-        ft_over, mc_over = DATASET_OVERRIDES[name]
-        ft, mc = replace(ft, **ft_over), replace(mc, **mc_over)
-    if method == "iel":  # the released IEL command pairs beta with a milder head penalty
-        mc = replace(mc, req_weight_cls=0.1 if p.name == "paper" else 1.0)
+    ft, mc = preset_configs(p, get_method(method), dataset)
+    ft = replace(ft, style=tuning, seed=seed)
     ft_changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank}
     ft = replace(ft, **{k: v for k, v in ft_changes.items() if v is not None})
     mc_changes = {"alpha": alpha, "beta": beta}

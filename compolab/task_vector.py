@@ -1,4 +1,4 @@
-"""Task vectors: the weight-space differences :math:`\\tau_t = \\theta_t - \\theta_0` (spec §A.1).
+"""Task vectors: the weight-space differences :math:`\\tau_t = \\theta_t - \\theta_0`.
 
 A :class:`TaskVector` is an immutable ``Mapping[str, Tensor]`` keyed by the model's own parameter
 names. It is a vector: ``+``, ``-``, scalar ``*`` and ``/`` are the only operators; everything else
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from compolab.errors import ConfigError
 
-__all__ = ["TaskVector", "compose"]
+__all__ = ["TaskVector", "compose", "key_mismatch", "uniform_coefs"]
 
 Scalar = float | int | Tensor
 
@@ -27,13 +27,18 @@ def _is_scalar(x: object) -> bool:
     return isinstance(x, numbers.Real) or (isinstance(x, Tensor) and x.ndim == 0)
 
 
-def _mismatch(left: Mapping[str, Tensor], right: Mapping[str, Tensor]) -> str:
-    """Empty when both have the same keys and shapes, else a listing of the differences."""
-    missing = [k for k in left if k not in right]
-    extra = [k for k in right if k not in left]
+def key_mismatch(left: Mapping[str, Tensor], right: Mapping[str, Tensor]) -> str:
+    """Empty when both have the same keys and shapes, else a listing of the differences.
+
+    Examples:
+        >>> key_mismatch({"a": torch.zeros(2), "b": torch.ones(1)}, {"a": torch.ones(3), "c": torch.ones(1)})
+        "missing keys ['b']; extra keys ['c']; mismatched shapes ['a (2,) vs (3,)']"
+    """
+    missing = sorted(k for k in left if k not in right)
+    extra = sorted(k for k in right if k not in left)
     shapes = [
         f"{k} {tuple(left[k].shape)} vs {tuple(right[k].shape)}"
-        for k in left
+        for k in sorted(left)
         if k in right and left[k].shape != right[k].shape
     ]
     parts = [f"missing keys {missing}"] * bool(missing) + [f"extra keys {extra}"] * bool(extra)
@@ -41,9 +46,19 @@ def _mismatch(left: Mapping[str, Tensor], right: Mapping[str, Tensor]) -> str:
     return "; ".join(parts)
 
 
+def uniform_coefs(num: int) -> list[float]:
+    """The paper's composition weights :math:`w_t = 1/T` for ``num`` = T modules (none for T = 0).
+
+    Examples:
+        >>> uniform_coefs(4), uniform_coefs(0)
+        ([0.25, 0.25, 0.25, 0.25], [])
+    """
+    return [1.0 / num] * num if num > 0 else []
+
+
 def _misfit(tau: Mapping[str, Tensor], target: Mapping[str, Tensor]) -> str:
     """Empty when every key of ``tau`` is in ``target`` with the same shape."""
-    return _mismatch(tau, {k: target[k] for k in tau if k in target})
+    return key_mismatch(tau, {k: target[k] for k in tau if k in target})
 
 
 def _floating_names(state: Mapping[str, Tensor], names: Sequence[str] | None) -> list[str]:
@@ -112,7 +127,7 @@ class TaskVector(Mapping[str, Tensor]):
         keep = _floating_names(theta0, names)
         other = keep if names is not None else _floating_names(theta_t, None)
         right = {n: theta_t[n] for n in other if n in theta_t}
-        if problem := _mismatch({n: theta0[n] for n in keep}, right):
+        if problem := key_mismatch({n: theta0[n] for n in keep}, right):
             raise ConfigError(f"theta0 and theta_t do not match: {problem}")
         return cls({n: theta_t[n].detach() - theta0[n].detach() for n in keep})
 
@@ -170,7 +185,7 @@ class TaskVector(Mapping[str, Tensor]):
         """Exact equality: same keys, shapes and values (use :meth:`allclose` for floats)."""
         if not isinstance(other, Mapping):
             return NotImplemented
-        return not _mismatch(self, other) and all(torch.equal(t, other[k]) for k, t in self.items())
+        return not key_mismatch(self, other) and all(torch.equal(t, other[k]) for k, t in self.items())
 
     __hash__ = None  # type: ignore[assignment]
 
@@ -185,7 +200,7 @@ class TaskVector(Mapping[str, Tensor]):
             ConfigError: Listing the keys missing from ``other``, the extra ones, and the names
                 whose shapes differ.
         """
-        if problem := _mismatch(self, other):
+        if problem := key_mismatch(self, other):
             raise ConfigError(f"task vectors do not match: {problem}")
         return TaskVector({k: fn(t, other[k]) for k, t in self.items()})
 
@@ -290,7 +305,7 @@ class TaskVector(Mapping[str, Tensor]):
         self, other: Mapping[str, Tensor], *, rtol: float = 1e-5, atol: float = 1e-8
     ) -> bool:
         """True when keys and shapes match and every tensor is close (:func:`torch.allclose`)."""
-        if _mismatch(self, other):
+        if key_mismatch(self, other):
             return False
         return all(torch.allclose(t, other[k], rtol=rtol, atol=atol) for k, t in self.items())
 
@@ -323,7 +338,7 @@ def compose(
     taus: Sequence[TaskVector],
     coefs: Sequence[Scalar] | None = None,
 ) -> dict[str, Tensor]:
-    """The composed parameters :math:`\\theta_P = \\theta_0 + \\sum_t w_t \\tau_t` (spec §A.1).
+    """The composed parameters :math:`\\theta_P = \\theta_0 + \\sum_t w_t \\tau_t`.
 
     Args:
         theta0: :math:`\\theta_0`, any mapping of tensors (e.g. all named parameters).
@@ -338,7 +353,7 @@ def compose(
         ConfigError: If ``coefs`` has the wrong length, or a task vector has a name not in
             ``theta0`` or a different shape.
     """
-    coefs = [1.0 / len(taus) for _ in taus] if coefs is None else list(coefs)
+    coefs = uniform_coefs(len(taus)) if coefs is None else list(coefs)
     if len(coefs) != len(taus):
         raise ConfigError(f"compose: expected {len(taus)} coefs (one per tau), got {len(coefs)}")
     params = dict(theta0)

@@ -1,25 +1,26 @@
-r"""Tangent Model Composition (TMC, Liu & Soatto, ICCV 2023; spec PART B) as a method of the kit.
+r"""Tangent Model Composition (TMC, Liu & Soatto, ICCV 2023): training, composition, the ensemble baseline.
 
-Per task t, from the **same** θ0 and the **same** random base head (spec §B.3.1, §B.3.3):
+Per task t, from the **same** θ0 and the **same** random base head:
 
 * the component is a tangent vector: the backbone's τ_t (a :class:`~compolab.tuning.TaskModule`,
   any style) and the base head's tangent :math:`(\Delta W_t, \Delta b_t)`, trained through the
   linearised model :class:`~compolab.linearize.LinearizedModel` with the backbone in eval mode;
 * the loss is the rescaled square loss over **all** classes of the benchmark plus an L2-*norm*
-  penalty on the trainable tensors (spec §B.3.2):
+  penalty on the trainable tensors (the official code's values):
 
   .. math:: \frac{1}{BC}\sum_{b,c}\big(f_{lin}(x_b)_c - \kappa\,[y_b = c]\big)^2
             + wd\,\sqrt{10^{-6} + \textstyle\sum_{trainable} p^2},\quad \kappa = 15,\ wd = 10^{-5}
 
 * AdamW (betas 0.9, 0.999, weight decay 0), learning rate ×0.1 at 50 % and 80 % of the epochs
-  (the paper's 25 and 40 of 50).
+  (the paper's 25 and 40 of 50), in the loop every method shares (:func:`~compolab.finetune.train_loop`).
 
 Evaluation composes the components by uniform averaging of the tangents and runs the
 **linearised** composed model (:func:`compose_tmc_pool`), never the non-linear merge. Its baseline,
 the output ensemble of non-linearly fine-tuned models, is :class:`OutputEnsemble` (T forwards).
 
-Registered as method ``"tmc"`` of :func:`compolab.run.run`. A pool entry's ``head`` is the head
-tangent (all classes); the base head is rebuilt from the seed in the entry's card.
+The method of :func:`compolab.run.run` is the thin adapter :mod:`compolab.methods.tangent`. A pool
+entry's ``head`` is the head tangent (all classes); the base head is rebuilt from the seed in the
+entry's card.
 """
 
 from __future__ import annotations
@@ -28,22 +29,21 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from compolab.compose import merge
 from compolab.data import Task, make_loader
 from compolab.editing import CompositionPlan
 from compolab.errors import ConfigError
-from compolab.finetune import FinetuneConfig, FinetuneResult, TrainingDiverged, _width
+from compolab.finetune import FinetuneConfig, FinetuneResult, train_loop
 from compolab.heads import IncrementalHead
 from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
-from compolab.methods import TaskContext, _entry, _seeded, register
 from compolab.pool import PoolEntry
-from compolab.task_vector import TaskVector
+from compolab.task_vector import TaskVector, uniform_coefs
 from compolab.tuning import TaskModule
 
 __all__ = [
@@ -63,7 +63,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TMCConfig:
-    """TMC's own knobs (spec §B.3.2; defaults: the class-incremental values of the paper).
+    """TMC's own knobs (defaults: the class-incremental values of the paper's code).
 
     Attributes:
         kappa: κ of the rescaled square loss (``mse_weight``: 15 class-IL, 5 data-IL).
@@ -86,7 +86,7 @@ class TMCConfig:
 
 
 def base_head(in_features: int, num_classes: int, *, seed: int = 0) -> nn.Linear:
-    r"""The frozen random base head shared by every component (spec §B.3.1).
+    r"""The frozen random base head shared by every component.
 
     PyTorch's default ``nn.Linear`` initialisation, :math:`U(-1/\sqrt{D}, 1/\sqrt{D})` for weight and
     bias, drawn from a CPU generator seeded with ``seed``: the same seed gives the same head on any
@@ -106,7 +106,7 @@ def base_head(in_features: int, num_classes: int, *, seed: int = 0) -> nn.Linear
 
 
 def scaled_square_loss(outputs: Tensor, labels: Tensor, *, kappa: float = 15.0) -> Tensor:
-    r"""The rescaled square loss :math:`\mathrm{mean}_{b,c}(o_{bc} - \kappa\,[y_b=c])^2` (spec §B.3.2).
+    r"""The rescaled square loss :math:`\mathrm{mean}_{b,c}(o_{bc} - \kappa\,[y_b=c])^2`.
 
     Args:
         outputs: ``(B, C)``, one column per class of the benchmark (all of them).
@@ -125,7 +125,7 @@ def scaled_square_loss(outputs: Tensor, labels: Tensor, *, kappa: float = 15.0) 
 
 
 def norm_penalty(params: Sequence[Tensor], *, wd: float = 1e-5, eps: float = 1e-6) -> Tensor:
-    r"""The L2 *norm* (not squared) penalty :math:`wd\,\sqrt{\epsilon + \sum_p \sum p^2}` (spec §B.3.2).
+    r"""The L2 *norm* (not squared) penalty :math:`wd\,\sqrt{\epsilon + \sum_p \sum p^2}`.
 
     Examples:
         >>> float(norm_penalty([torch.tensor([3.0]), torch.tensor([4.0])], wd=2.0, eps=0.0))
@@ -137,11 +137,11 @@ def norm_penalty(params: Sequence[Tensor], *, wd: float = 1e-5, eps: float = 1e-
 def step_factor(
     epoch: int, epochs: int, milestones: Sequence[float] = (0.5, 0.8), gamma: float = 0.1
 ) -> float:
-    r"""Learning-rate factor of epoch ``epoch`` (0-based) of ``epochs`` = K (spec §B.3.2).
+    r"""Learning-rate factor of epoch ``epoch`` (0-based) of ``epochs`` = K.
 
     .. math:: \gamma^{\#\{m:\ epoch \ge \lceil m K\rceil\}}
 
-    With K = 50 epochs the milestones are 25 and 40 (spec §B.3.2).
+    With K = 50 epochs the milestones are 25 and 40 (the paper's schedule).
 
     Examples:
         >>> [step_factor(e, 50) for e in (24, 25, 39, 40)] == [1.0, 0.1, 0.1, 0.1 ** 2]
@@ -165,7 +165,7 @@ def train_component(
     progress: bool | None = False,
     device: str | torch.device = "cpu",
 ) -> FinetuneResult:
-    r"""Train one TMC component on one task through the linearised model (spec §B.3.2).
+    r"""Train one TMC component on one task through the linearised model.
 
     Args:
         backbone: θ0 (frozen, eval mode: BatchNorm uses its running statistics).
@@ -196,33 +196,13 @@ def train_component(
     trainable = [p for p in model.parameters() if p.requires_grad]  # module + head tangent
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
     loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
-    history = []
-    for epoch in tqdm(range(cfg.epochs), desc=f"tmc task {task.index}", disable=not progress, leave=False):
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * step_factor(epoch, cfg.epochs, tmc.milestones, tmc.gamma)
-        totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
-        model.train()
-        opt.zero_grad(set_to_none=True)
-        for i, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device)
-            outputs = model(x)  # (B, C): every class of the benchmark
-            loss = scaled_square_loss(outputs, y, kappa=tmc.kappa)
-            reg = norm_penalty(trainable, wd=tmc.wd)
-            total = loss + reg
-            if not torch.isfinite(total):
-                raise TrainingDiverged(f"tmc task {task.index}, epoch {epoch}: loss is {loss.item()}; "
-                                       "the run stops here (earlier components stay saved)")  # fmt: skip
-            (total / cfg.accumulate).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == len(loader):
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            totals["loss"] += loss.item() * len(y)
-            totals["penalty"] += reg.item() * len(y)
-            totals["correct"] += (outputs.argmax(1) == y).sum().item()
-            totals["seen"] += len(y)
-        n = max(totals["seen"], 1)
-        history.append({"epoch": epoch, "loss": totals["loss"] / n, "penalty": totals["penalty"] / n,
-                        "train_accuracy": 100.0 * totals["correct"] / n})  # fmt: skip
+    history = train_loop(
+        model, opt, loader, cfg,
+        loss_fn=partial(scaled_square_loss, kappa=tmc.kappa),  # (B, C): every class of the benchmark
+        lr_factor=partial(step_factor, milestones=tmc.milestones, gamma=tmc.gamma),
+        penalty=lambda: norm_penalty(trainable, wd=tmc.wd),
+        desc=f"tmc task {task.index}", progress=progress, device=device,
+    )  # fmt: skip
     module.eval()
     return FinetuneResult(module, _linear_of(model.component().head), history, time.time() - t0)
 
@@ -306,7 +286,7 @@ def compose_tmc_pool(
 class OutputEnsemble(nn.Module):
     r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i \lambda_i h_i(f(x;\theta_0+\tau_i))`.
 
-    TMC's baseline (spec §B.1, Fig. 1b): each member is θ0 + τ_i merged into its own copy of the
+    TMC's baseline (Liu & Soatto, Fig. 1b): each member is θ0 + τ_i merged into its own copy of the
     backbone, so inference costs T forwards.
 
     Args:
@@ -329,7 +309,7 @@ class OutputEnsemble(nn.Module):
         super().__init__()
         if not taus:
             raise ConfigError("an ensemble needs at least one member")
-        self.coefs = [1.0 / len(taus)] * len(taus) if coefs is None else list(coefs)
+        self.coefs = uniform_coefs(len(taus)) if coefs is None else list(coefs)
         if len(self.coefs) != len(taus):
             raise ConfigError(f"got {len(self.coefs)} coefs for {len(taus)} members")
         self.members = nn.ModuleList([merge(backbone, theta0, [tau], [1.0]).eval() for tau in taus])
@@ -362,31 +342,3 @@ def ensemble_predict(
     Builds the merged members on every call: keep an :class:`OutputEnsemble` to predict repeatedly.
     """
     return OutputEnsemble(backbone, theta0, taus, coefs, heads=heads)(x)
-
-
-# --------------------------------------------------------------------------- the "tmc" method
-
-
-def _tmc_config(ctx: TaskContext) -> TMCConfig:
-    """TMC's knobs: from ``MethodConfig.tmc_kappa`` / ``tmc_wd`` when present, else the paper's."""
-    defaults = TMCConfig()
-    return TMCConfig(kappa=getattr(ctx.cfg, "tmc_kappa", defaults.kappa),
-                     wd=getattr(ctx.cfg, "tmc_wd", defaults.wd))  # fmt: skip
-
-
-def _train_tmc(ctx: TaskContext, t: int) -> PoolEntry:
-    task, tmc = ctx.bench.tasks[t], _tmc_config(ctx)
-    seed = ctx.finetune.seed  # one base head per run, shared by every task
-    head = base_head(_width(ctx.backbone), ctx.bench.num_classes, seed=seed).to(ctx.device)
-    result = train_component(ctx.backbone, ctx.theta0, task, head, _seeded(ctx.finetune, t), tmc,
-                             names=ctx.names, progress=ctx.progress, device=ctx.device)  # fmt: skip
-    info = {"kappa": tmc.kappa, "wd": tmc.wd, "milestones": list(tmc.milestones), "gamma": tmc.gamma,
-            "base_head_seed": seed, "num_classes": ctx.bench.num_classes}  # fmt: skip
-    return _entry(ctx, t, result, task.classes, tmc=info)
-
-
-def _evaluate_tmc(ctx: TaskContext, entries: dict[int, PoolEntry], plan: CompositionPlan):
-    return compose_tmc_pool(ctx.backbone, ctx.theta0, entries, plan)
-
-
-register("tmc", _train_tmc, evaluate=_evaluate_tmc)

@@ -1,4 +1,4 @@
-"""The three tuning styles of the paper (spec §A.7) behind one interface, :class:`TaskModule`.
+"""The three tuning styles of the paper behind one interface, :class:`TaskModule`.
 
 A task module holds the trainable tensors of one task for a fixed tuple of target weights
 (``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2`` of every block, from
@@ -29,31 +29,10 @@ from torch import Tensor, nn
 from compolab.errors import ConfigError
 from compolab.task_vector import TaskVector
 
-__all__ = ["STYLES", "TaskModule", "FullModule", "LoRAModule", "IA3Module", "theta0_of"]
+__all__ = ["STYLES", "TaskModule", "FullModule", "LoRAModule", "IA3Module"]
 
 #: Separator between a target name and a tensor role in :meth:`TaskModule.state_tensors` keys.
 KEY_SEPARATOR = "::"
-
-
-def theta0_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Tensor]:
-    """Detached clones of a model's named parameters: the anchor :math:`\\theta_0`.
-
-    Args:
-        model: The pre-trained model.
-        names: Parameters to keep; default: all of them.
-
-    Returns:
-        ``name -> tensor``, independent of later changes to ``model``.
-
-    Raises:
-        ConfigError: Listing the names that are not parameters of ``model``.
-    """
-    params = dict(model.named_parameters())
-    names = list(params) if names is None else list(names)
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ConfigError(f"names not among the model's parameters: {missing}")
-    return {n: params[n].detach().clone() for n in names}
 
 
 class TaskModule(nn.Module):
@@ -89,7 +68,7 @@ class TaskModule(nn.Module):
     def initial_tensors(
         cls, name: str, w0: Tensor, *, rank: int, generator: torch.Generator | None
     ) -> tuple[Tensor, ...]:
-        """Freshly initialised tensors of one target, one per role (spec §A.7)."""
+        """Freshly initialised tensors of one target, one per role."""
         raise NotImplementedError
 
     # --- one interface ---------------------------------------------------------------------------
@@ -190,7 +169,7 @@ class TaskModule(nn.Module):
         return TaskVector(deltas)
 
     def num_trainable(self) -> int:
-        """Number of trainable numbers (the "params / task" column of spec §A.7)."""
+        """Number of trainable numbers (the "params / task" of a style)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
 
     def describe(self) -> str:

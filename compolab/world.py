@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from compolab.errors import ConfigError
+from compolab.io import atomic_write
 
 __all__ = [
     "SHAPES",
@@ -370,7 +371,5 @@ def cached_generate(
     images, out_labels = generate(req.classes, n, seed, size=size, clutter=clutter, labels=lab)
     folder.mkdir(parents=True, exist_ok=True)
     for path, arr in ((img_path, images), (lab_path, out_labels)):
-        tmp = path.with_suffix(f".tmp{os.getpid()}.npy")
-        np.save(tmp, arr, allow_pickle=False)
-        os.replace(tmp, path)
+        atomic_write(path, lambda p, arr=arr: np.save(p, arr, allow_pickle=False))
     return images, out_labels

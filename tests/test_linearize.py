@@ -17,9 +17,9 @@ from compolab.linearize import (
     linearized_forward,
     linearized_names,
 )
-from compolab.models import BackboneSpec, make_backbone, tuned_weight_names
+from compolab.models import BackboneSpec, make_backbone, theta0_of, tuned_weight_names
 from compolab.task_vector import TaskVector
-from compolab.tuning import TaskModule, theta0_of
+from compolab.tuning import TaskModule
 
 SPEC = BackboneSpec(embed_dim=16, depth=2, num_heads=2)
 

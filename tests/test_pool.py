@@ -7,9 +7,9 @@ import torch
 from compolab.editing import compose_pool, plan_composition
 from compolab.errors import CompolabError, ConfigError
 from compolab.heads import new_head
-from compolab.models import BackboneSpec, fingerprint, make_backbone, tuned_weight_names
+from compolab.models import BackboneSpec, fingerprint, make_backbone, theta0_of, tuned_weight_names
 from compolab.pool import Pool, PoolEntry
-from compolab.tuning import TaskModule, theta0_of
+from compolab.tuning import TaskModule
 
 SPEC = BackboneSpec(embed_dim=16, depth=2, num_heads=2)
 
@@ -112,13 +112,15 @@ def test_half_written_module_is_not_listed(pool, backbone):
 
 
 def test_atomic_save_leaves_no_temporary_file(pool, backbone, monkeypatch):
-    import compolab.pool as pool_mod
+    import safetensors.torch
 
-    def crash(*args, **kwargs):
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:  # half a file, then the disk is full
+            f.write(b"\0" * 10)
         raise OSError("disk full")
 
     before = _snapshot(pool.root)
-    monkeypatch.setattr(pool_mod, "save_file", crash)
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
     with pytest.raises(OSError):
         pool.save(_entry(backbone, 1))
     assert _snapshot(pool.root) == before

@@ -1,6 +1,7 @@
 """Basin probes: endpoints equal direct evaluations, a quadratic toy loss is predicted exactly, the
 second-order terms match finite differences on a ViT (float64), and the CLI checks its input first."""
 
+import ast
 import copy
 import json
 import math
@@ -16,7 +17,8 @@ from torch.testing import assert_close
 from compolab.cli import main
 from compolab.errors import ConfigError
 from compolab.fisher_store import DiagonalFisher
-from compolab.models import tuned_weight_names
+from compolab.methods import METHODS
+from compolab.models import theta0_of, tuned_weight_names
 from compolab.probes import (
     Interpolation,
     JensenGap,
@@ -34,7 +36,6 @@ from compolab.probes import (
     segment,
 )
 from compolab.task_vector import TaskVector
-from compolab.tuning import theta0_of
 
 
 def _tau(theta0, seed, scale=0.2):
@@ -325,7 +326,8 @@ def test_cli_plane_needs_two_directions_and_tmc_pools_are_refused(capsys, pool_d
     tmc = tmp_path / "tmc_pool"
     shutil.copytree(pool_dir, tmc)
     manifest = json.loads((tmc / "pool.json").read_text())
-    (tmc / "pool.json").write_text(json.dumps({**manifest, "method": "tmc"}))
+    linearised = next(name for name, method in METHODS.items() if method.linearised)  # TMC
+    (tmc / "pool.json").write_text(json.dumps({**manifest, "method": linearised}))
     code, _, err = _cli(capsys, "probe", "jensen", "--pool", str(tmc), "--out", str(tmp_path / "j.json"))
     assert code == 2 and "TMC pool" in err and not (tmp_path / "j.json").exists()
 
@@ -335,3 +337,87 @@ def test_bench_probe_curve_equals_the_plain_loop():
 
     result = bench_probe(points=3, images=8, num_classes=5, chunk=2, threads=1)
     assert result["max_abs_diff"] < 1e-4 and result["points"] == 3 and result["curve_seconds"] > 0
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"kind": "landscape"}, "unknown probe 'landscape'"),
+        ({"curvature": "kfac"}, "curvature must be one of"),
+        ({"random": 3}, "0, 1 or 2 random directions"),
+    ],
+)
+def test_probe_pool_refuses_bad_options_before_opening_the_pool(tmp_path, options, needle):
+    from compolab.probes.command import probe_pool
+
+    kind = options.pop("kind", "plane")
+    with pytest.raises(ConfigError, match=needle):
+        probe_pool(kind, tmp_path / "no-such-pool", tmp_path / "r.json", **options)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- package structure
+
+_TRAINING_STACK = ("compolab.run", "compolab.methods", "compolab.incremental", "compolab.finetune")
+
+
+def test_importing_probes_does_not_load_the_training_stack():
+    """``compolab/__init__.py`` imports the run driver eagerly, so the child process registers a bare
+    ``compolab`` package first: what is loaded then is exactly what ``compolab.probes`` imports."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import compolab.probes
+
+    root = str(Path(compolab.probes.__file__).parents[1])
+    code = (
+        "import json, sys, types\n"
+        f"pkg = types.ModuleType('compolab'); pkg.__path__ = [{root!r}]; sys.modules['compolab'] = pkg\n"
+        "import compolab.probes\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith('compolab'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    loaded = json.loads(done.stdout.splitlines()[-1])
+    assert "compolab.probes.pool" in loaded and "compolab.probes.engine" in loaded  # the check is not vacuous
+    assert [m for m in loaded if m.startswith(_TRAINING_STACK)] == []
+    assert "compolab.probes.command" not in loaded  # the CLI logic loads only with the CLI
+
+
+def _module_imports(tree: ast.AST, *, top_level: bool) -> set[str]:
+    """The ``compolab`` modules a module imports: at its top level, or anywhere (function bodies too)."""
+    nodes = tree.body if top_level else list(ast.walk(tree))
+    names = set()
+    for node in nodes:
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("compolab"):
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(a.name for a in node.names if a.name.startswith("compolab"))
+    return names
+
+
+def test_probes_package_has_no_cycle_no_upward_import_and_one_door_to_the_run_driver():
+    from pathlib import Path
+
+    import compolab.probes
+
+    folder = Path(compolab.probes.__file__).parent
+    trees = {f"compolab.probes.{p.stem}": ast.parse(p.read_text()) for p in folder.glob("*.py")}
+    trees["compolab.probes"] = trees.pop("compolab.probes.__init__")
+    upward = ("compolab", "compolab.cli", "compolab.bench")
+    for name, tree in trees.items():
+        anywhere = _module_imports(tree, top_level=False)
+        assert not anywhere & set(upward), name
+        stack = {m for m in anywhere if m.startswith(_TRAINING_STACK)}
+        allowed = {"compolab.run", "compolab.methods"} if name == "compolab.probes.pool" else set()
+        assert stack == allowed, name  # the pool loader, inside its function, is the only door
+        assert not _module_imports(tree, top_level=True) & set(_TRAINING_STACK), name
+    # the package's own import graph is acyclic: peel off modules whose sibling imports are all peeled
+    graph = {n: {m for m in _module_imports(t, top_level=True) if m in trees} for n, t in trees.items()}
+    done: set[str] = set()
+    while len(done) < len(graph):
+        ready = {n for n, deps in graph.items() if n not in done and deps <= done}
+        assert ready, f"import cycle among {sorted(set(graph) - done)}"
+        done |= ready

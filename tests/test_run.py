@@ -5,11 +5,10 @@ import json
 import pytest
 from conftest import SMALL_WORLD
 
-import compolab.methods as methods
 from compolab.data import tiny_benchmark
-from compolab.errors import ConfigError
-from compolab.finetune import FinetuneConfig, TrainingDiverged
-from compolab.methods import MethodConfig
+from compolab.errors import ConfigError, TrainingDiverged
+from compolab.finetune import FinetuneConfig
+from compolab.methods import MethodConfig, get_method
 from compolab.pool import Pool
 from compolab.run import RunConfig, load_results, run, run_config
 
@@ -43,19 +42,20 @@ def test_resume_after_a_kill_gives_identical_results(tmp_path, bench, backbone, 
     cfg = _cfg("ita", "lora", alpha=1.0)
     reference = run(cfg, tmp_path / "ref", benchmark=bench, backbone=backbone, progress=False)
 
-    train = methods.train_task
+    method = type(get_method("ita"))
+    train = method.train
 
-    def killed_after_task_1(ctx, t):
+    def killed_after_task_1(self, ctx, t):
         if t == 2:
             raise KeyboardInterrupt  # simulated kill while task 2 trains
-        return train(ctx, t)
+        return train(self, ctx, t)
 
-    monkeypatch.setattr("compolab.run.train_task", killed_after_task_1)
+    monkeypatch.setattr(method, "train", killed_after_task_1)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "run", benchmark=bench, backbone=backbone, progress=False)
     partial = load_results(tmp_path / "run")
     assert len(partial["accuracy_matrix"]) == 2 and partial["final_accuracy"] is None
-    monkeypatch.setattr("compolab.run.train_task", train)
+    monkeypatch.setattr(method, "train", train)
     resumed = run(cfg, tmp_path / "run", resume=True, benchmark=bench, backbone=backbone, progress=False)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
     assert resumed["final_accuracy"] == reference["final_accuracy"]

@@ -12,7 +12,7 @@ from compolab.editing import plan_composition
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
 from compolab.linearize import LinearizedModel
-from compolab.models import fingerprint, tuned_weight_names
+from compolab.models import fingerprint, theta0_of, tuned_weight_names
 from compolab.pool import Pool
 from compolab.run import RunConfig, load_results, run
 from compolab.task_vector import TaskVector
@@ -28,7 +28,6 @@ from compolab.tmc import (
     step_factor,
     train_component,
 )
-from compolab.tuning import theta0_of
 
 SMALL = SMALL_WORLD
 SPEC = SMALL_SPEC
@@ -143,20 +142,21 @@ def test_tmc_config_refuses_bad_values():
 
 
 def test_a_resumed_tmc_run_gives_identical_results(tmp_path, bench, backbone, monkeypatch):
-    import compolab.methods as methods
+    from compolab.methods import get_method
 
     cfg = RunConfig(method="tmc", finetune=FinetuneConfig(style="full", epochs=1, batch_size=16, lr=1e-3))
     reference = run(cfg, tmp_path / "ref", benchmark=bench, backbone=backbone, progress=False)
-    train = methods.train_task
+    method = type(get_method("tmc"))
+    train = method.train
 
-    def killed_at_task_2(ctx, t):
+    def killed_at_task_2(self, ctx, t):
         if t == 2:
             raise KeyboardInterrupt
-        return train(ctx, t)
+        return train(self, ctx, t)
 
-    monkeypatch.setattr("compolab.run.train_task", killed_at_task_2)
+    monkeypatch.setattr(method, "train", killed_at_task_2)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, tmp_path / "run", benchmark=bench, backbone=backbone, progress=False)
-    monkeypatch.setattr("compolab.run.train_task", train)
+    monkeypatch.setattr(method, "train", train)
     resumed = run(cfg, tmp_path / "run", resume=True, benchmark=bench, backbone=backbone, progress=False)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]

@@ -10,9 +10,9 @@ from safetensors.torch import load, save
 
 from compolab.compose import ComposedForward, merge
 from compolab.errors import ConfigError
-from compolab.models import BackboneSpec, make_backbone, tuned_weight_names
+from compolab.models import BackboneSpec, make_backbone, theta0_of, tuned_weight_names
 from compolab.task_vector import TaskVector
-from compolab.tuning import STYLES, LoRAModule, TaskModule, theta0_of
+from compolab.tuning import STYLES, LoRAModule, TaskModule
 
 SMALL = BackboneSpec(embed_dim=16, depth=2, num_heads=2)
 RANK = 2

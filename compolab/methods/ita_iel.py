@@ -1,0 +1,178 @@
+r"""ITA (Eq. 11–12) and IEL (Eq. 18–19): the Fisher-regularised methods of the paper.
+
+Per task t, in order (as the official code):
+
+1. **Head pre-tuning** (task pre-consolidation): class statistics of θ0's features, a linear probe
+   of a new head, classifier alignment of all heads → the pre-tuned classifier :math:`C_{pre}`,
+   anchor of the head penalty.
+2. **Fisher at θ0** with :math:`C_{pre}` on the task's training data, accumulated by
+   :class:`~compolab.fisher.FisherAccumulator`: ITA uses the mean Fisher of the *previous* tasks,
+   IEL the running mean *including* the current one.
+3. **Training** of τ_t and h_t (:func:`~compolab.finetune.finetune_task`):
+
+   * ITA: forward θ0 + τ_t, penalty :func:`~compolab.methods.penalties.ita_penalty`;
+   * IEL: forward θ0 + (1/T) Σ_{s≤t} τ_s with τ_{s<t} frozen, penalty
+     :func:`~compolab.methods.penalties.iel_penalty`, T = t + 1;
+   * both: :func:`~compolab.methods.penalties.head_penalty`, :math:`\Delta = h_t - C_{pre}[t]`.
+
+   Applied as the paper's decoupled SGD step for LoRA / (IA)³ and as a loss term (coupled) for full
+   fine-tuning, unless ``MethodConfig.decoupled`` says otherwise.
+4. Evaluation: θ0 + (1/T) Σ τ_s with the trained heads h_0..h_t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Subset
+
+from compolab.data import make_loader
+from compolab.finetune import finetune_task
+from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
+from compolab.heads import IncrementalHead, new_head, pretune_heads
+from compolab.linear_probe import extract_features
+from compolab.methods.base import MergedMethod, TaskContext
+from compolab.methods.penalties import head_penalty, iel_penalty, ita_penalty, linear_head_fisher
+from compolab.methods.state import SecondOrderState, load_second_order_state, save_second_order_state
+from compolab.pool import PoolEntry
+from compolab.task_vector import uniform_coefs
+from compolab.tuning import TaskModule
+
+__all__ = ["ITA", "IEL", "task_fisher"]
+
+FISHER_BATCH = 64  # images per batch of the Fisher pass (memory only: the sum is exact)
+
+
+def task_fisher(ctx: TaskContext, t: int, head: nn.Module, model: nn.Module | None = None) -> DiagonalFisher:
+    """Fisher of ``head(model(x))`` (default model: θ0) on task t's training data (or a seeded subset)."""
+    data = ctx.bench.tasks[t].train
+    gen = torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
+    n = ctx.cfg.fisher_samples
+    if n is not None and n < len(data):
+        data = Subset(data, torch.randperm(len(data), generator=gen)[:n].sort().values.tolist())
+    loader = make_loader(data, FISHER_BATCH)
+    model = ctx.backbone if model is None else model
+    return diagonal_fisher(model, head, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
+                           top_k=ctx.cfg.fisher_top_k, mc_samples=ctx.cfg.mc_samples, generator=gen,
+                           progress=False)  # fmt: skip
+
+
+def _pretune(ctx: TaskContext, state: SecondOrderState, t: int) -> IncrementalHead:
+    """Class statistics and :math:`C_{pre}` for task t (the previous heads, plus a new one)."""
+    task, gen = ctx.bench.tasks[t], torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
+    feats, labels = extract_features(ctx.backbone, task.train, device=ctx.device)
+    state.stats.update(feats, labels)
+    heads = list(state.cpre.heads) if state.cpre is not None else []
+    classes = list(state.cpre.classes) if state.cpre is not None else []
+    heads.append(new_head(feats.shape[1], task.num_classes, generator=gen))
+    classes.append(task.classes)
+    cpre = IncrementalHead(heads, classes=classes)
+    if ctx.cfg.pretune:
+        c = ctx.cfg
+        cpre = pretune_heads(cpre, state.stats, feats, labels, probe_epochs=c.pretune_epochs,
+                             probe_lr=c.pretune_lr, align_epochs=c.align_epochs + 5 * t,
+                             align_samples=c.align_samples, seed=ctx.finetune.seed * 1000 + t)  # fmt: skip
+    return cpre
+
+
+class _SecondOrder(MergedMethod):
+    """ITA and IEL: one code path, ``incremental`` tells them apart."""
+
+    incremental: bool = False
+
+    def new_state(self) -> SecondOrderState:
+        return SecondOrderState()
+
+    def _strength(self, ctx: TaskContext) -> float:
+        return ctx.cfg.beta if self.incremental else ctx.cfg.alpha
+
+    def train(self, ctx: TaskContext, t: int) -> PoolEntry:
+        state: SecondOrderState = ctx.state
+        cfg, task, iel = ctx.cfg, ctx.bench.tasks[t], self.incremental
+        cpre = _pretune(ctx, state, t)
+        backbone_fisher: dict[str, Tensor] | None = None
+        if cfg.ablation == "none":  # the backbone penalty (Eq. 12 / 19)
+            f_t = task_fisher(ctx, t, cpre)
+            acc = FisherAccumulator()
+            if state.fisher is not None:
+                acc.add_task(state.fisher)
+            acc.add_task(f_t)
+            backbone_fisher = acc.iel(t=acc.num_tasks - 1) if iel else acc.ita(t=acc.num_tasks - 1)
+            state.pending = f_t
+        # head Fisher on synthetic features: ITA classes of tasks 0..t, IEL tasks 0..t-1 (official code)
+        seen = [c for cs in cpre.classes[: t if iel else t + 1] for c in cs]
+        if seen:
+            synth, _ = state.stats.sample(seen, cfg.align_samples, torch.Generator().manual_seed(t))
+            cls_fisher = linear_head_fisher(cpre, t, synth)
+        else:
+            cls_fisher = {
+                "weight": torch.zeros_like(cpre.heads[t].weight),
+                "bias": torch.zeros_like(cpre.heads[t].bias),
+            }
+        cls_fisher = {k: v + 1e-5 for k, v in cls_fisher.items()}
+        strength = self._strength(ctx)
+        req = cfg.req_weight_cls if cfg.req_weight_cls is not None else strength
+        anchor = cpre.heads[t]
+        previous = {n: sum(ctx.taus[s][n] for s in range(t)) for n in ctx.names} if (iel and t) else {}
+        head_reg = cfg.ablation != "no-reg"
+
+        def penalty(module: TaskModule, head: nn.Linear) -> Tensor:
+            total = head.weight.new_zeros(())
+            if backbone_fisher is not None and strength > 0:
+                tau = dict(module.delta(ctx.theta0))
+                if iel:
+                    total = total + iel_penalty(tau, previous, backbone_fisher, strength, t)
+                else:
+                    total = total + ita_penalty(tau, backbone_fisher, strength)
+            if head_reg and req > 0:
+                total = total + head_penalty(head, anchor, cls_fisher, req, cfg.simple_reg_weight_cls)
+            return total
+
+        decoupled = cfg.decoupled if cfg.decoupled is not None else ctx.finetune.style != "full"
+        coefs = uniform_coefs(t + 1)  # IEL's forward: θ0 + (1/T) Σ_{s≤t} τ_s
+        result = finetune_task(
+            ctx.backbone,
+            ctx.theta0,
+            task,
+            ctx.offset(t),
+            ctx.seeded(t),
+            names=ctx.names,
+            frozen=[ctx.taus[s] for s in range(t)] if iel else [],
+            frozen_coefs=coefs[:t] if iel else None,
+            coef=coefs[t] if iel else 1.0,
+            penalty=penalty,
+            decoupled=decoupled,
+            progress=ctx.progress,
+            device=ctx.device,
+        )
+        state.cpre = cpre
+        return ctx.entry(t, result, task.classes, method_cfg=cfg.__dict__, decoupled=decoupled)
+
+    def finish(self, ctx: TaskContext, entry: PoolEntry) -> None:
+        state: SecondOrderState = ctx.state
+        if state.pending is not None:
+            state.fisher = state.pending if state.fisher is None else state.fisher + state.pending
+            state.pending = None
+        if ctx.state_dir is not None:
+            save_second_order_state(ctx.state_dir, state, entry.task)
+
+    def restore(self, ctx: TaskContext, entries: Mapping[int, PoolEntry]) -> None:
+        ctx.state = load_second_order_state(ctx.state_dir, max(entries))
+
+
+class ITA(_SecondOrder):
+    """Incremental Task Arithmetic: each τ_t trained alone at θ0 + τ_t with the penalty of Eq. 11–12."""
+
+    name = "ita"
+    incremental = False
+
+
+class IEL(_SecondOrder):
+    """Incremental Ensemble Learning: τ_t trained inside θ0 + (1/T) Σ τ_s with the penalty of Eq. 18–19."""
+
+    name = "iel"
+    incremental = True
+    #: the released IEL command pairs β with a milder Fisher-weighted head penalty
+    preset_overrides = {"tiny": {"req_weight_cls": 1.0}, "paper": {"req_weight_cls": 0.1}}

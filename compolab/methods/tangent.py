@@ -1,0 +1,47 @@
+"""TMC as a method of the run driver: a thin adapter over :mod:`compolab.tmc`.
+
+Every task trains a tangent component (:func:`~compolab.tmc.train_component`) from θ0 and one
+random base head per run; the composition is the linearised model
+(:func:`~compolab.tmc.compose_tmc_pool`), never merged weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import Tensor, nn
+
+from compolab.editing import CompositionPlan
+from compolab.finetune import feature_width
+from compolab.heads import IncrementalHead
+from compolab.methods.base import MergedMethod, TaskContext
+from compolab.pool import PoolEntry
+from compolab.tmc import TMCConfig, base_head, compose_tmc_pool, train_component
+
+__all__ = ["TMC"]
+
+
+class TMC(MergedMethod):
+    """Tangent Model Composition (Liu & Soatto, ICCV 2023) with the paper's knobs (:class:`TMCConfig`)."""
+
+    name = "tmc"
+    linearised = True
+
+    def train(self, ctx: TaskContext, t: int) -> PoolEntry:
+        task, tmc = ctx.bench.tasks[t], TMCConfig()
+        seed = ctx.finetune.seed  # one base head per run, shared by every task
+        head = base_head(feature_width(ctx.backbone), ctx.bench.num_classes, seed=seed).to(ctx.device)
+        result = train_component(ctx.backbone, ctx.theta0, task, head, ctx.seeded(t), tmc,
+                                 names=ctx.names, progress=ctx.progress, device=ctx.device)  # fmt: skip
+        info = {"kappa": tmc.kappa, "wd": tmc.wd, "milestones": list(tmc.milestones), "gamma": tmc.gamma,
+                "base_head_seed": seed, "num_classes": ctx.bench.num_classes}  # fmt: skip
+        return ctx.entry(t, result, task.classes, tmc=info)
+
+    def compose(
+        self,
+        backbone: nn.Module,
+        theta0: Mapping[str, Tensor],
+        entries: Mapping[int, PoolEntry],
+        plan: CompositionPlan,
+    ) -> tuple[nn.Module, IncrementalHead]:
+        return compose_tmc_pool(backbone, theta0, entries, plan)
