@@ -13,6 +13,7 @@ frozen, the weights and the penalty.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,7 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from compolab.compose import ComposedForward
-from compolab.data import Task, make_loader
+from compolab.data import Task
+from compolab.distributed import Runtime, current_world, shard_weight, train_loader, wrap_data_parallel
 from compolab.errors import ConfigError, TrainingDiverged
 from compolab.heads import new_head
 from compolab.task_vector import TaskVector
@@ -34,6 +36,7 @@ __all__ = [
     "FinetuneResult",
     "cosine_factor",
     "decoupled_penalty_step",
+    "physical_batch",
     "train_loop",
     "finetune_task",
     "feature_width",
@@ -129,6 +132,36 @@ def decoupled_penalty_step(
     return penalty.detach()
 
 
+class _Network(nn.Module):
+    """``head(model(x))`` (or ``model(x)``) as one module, so that DDP / compile see one forward."""
+
+    def __init__(self, model: nn.Module, head: nn.Module | None) -> None:
+        super().__init__()
+        self.model, self.head = model, head
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        return out if self.head is None else self.head(out)
+
+
+def physical_batch(cfg: FinetuneConfig, runtime: Runtime | None) -> int:
+    """Images per forward pass: ``runtime.physical_batch``, or the config's micro-batch.
+
+    A physical batch larger than the micro-batch must be a multiple of it that divides the step
+    (``batch_size × accumulate``), so that every optimiser step sees the same images with the same
+    weights (:func:`train_loop`).
+
+    Raises:
+        ConfigError: For a physical batch that does not fit the step.
+    """
+    size = runtime.physical_batch if runtime is not None and runtime.physical_batch else cfg.batch_size
+    step = cfg.batch_size * cfg.accumulate
+    if size != cfg.batch_size and (size % cfg.batch_size or step % size):
+        raise ConfigError(f"physical batch {size} must be a multiple of the micro-batch {cfg.batch_size} "
+                          f"that divides the step of {step} images (batch_size x accumulate)")  # fmt: skip
+    return size
+
+
 def train_loop(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -144,6 +177,7 @@ def train_loop(
     desc: str = "train",
     progress: bool | None = False,
     device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> list[dict]:
     r"""``cfg.epochs`` passes over ``loader``: the one training loop of fine-tuning and TMC.
 
@@ -152,12 +186,26 @@ def train_loop(
     coupled) is back-propagated divided by ``cfg.accumulate``, and every ``cfg.accumulate``
     micro-batches (and after the last one) the optimiser steps.
 
+    **Physical batches.** When ``loader`` yields batches of ``k × cfg.batch_size`` images
+    (:func:`physical_batch`), each counts as ``n / cfg.batch_size`` micro-batches: its mean loss is
+    weighted ``n / (cfg.batch_size · cfg.accumulate)`` and the optimiser still steps every
+    ``batch_size × accumulate`` images, so the gradient of a step is the same mean over the same
+    images. The one difference: a last micro-batch of an epoch shorter than ``batch_size`` weighs
+    each of its images like any other (``1/(b·A)``) instead of as a whole micro-batch.
+
+    **Several ranks** (``torchrun``): the model and head run under DDP, gradients are synchronised
+    only at optimiser steps, each shard's loss is weighted by :func:`~compolab.distributed.shard_weight`
+    (the ranks' averaged gradient is the whole batch's), and the history sums every rank.
+
+    **Precision**: the forward and the loss run under ``runtime``'s autocast; the penalty, the
+    parameters and AdamW's state stay float32.
+
     Args:
         model: Maps images to outputs (put in training mode each epoch).
         optimizer: Holds the trainable tensors.
-        loader: ``(x, y)`` micro-batches with global labels.
+        loader: ``(x, y)`` micro-batches (or physical batches) with global labels.
         cfg: Epochs, accumulation and base learning rate.
-        loss_fn: ``loss_fn(outputs, labels)`` → scalar.
+        loss_fn: ``loss_fn(outputs, labels)`` → scalar mean.
         head: Applied to ``model``'s outputs when given.
         lr_factor: ``lr_factor(epoch, epochs)``: the schedule (:func:`cosine_factor`).
         penalty: ``penalty()`` → scalar: added to every micro-batch's loss (coupled), or, with
@@ -166,52 +214,73 @@ def train_loop(
         offset: Subtracted from the labels (the first label of the task).
         desc: Names the task in the progress bar and in errors.
         progress: Show a progress bar.
-        device: Where the batches go.
+        device: Where the batches go (ignored when ``runtime`` is given).
+        runtime: Device, autocast and compile (:class:`~compolab.distributed.Runtime`).
 
     Returns:
         One dict per epoch: ``epoch``, mean ``loss``, mean ``penalty``, ``train_accuracy`` (%).
 
     Raises:
-        TrainingDiverged: If a loss or penalty becomes NaN or infinite.
+        TrainingDiverged: If a loss or penalty becomes NaN or infinite (checked at every optimiser
+            step, one device synchronisation per step).
     """
+    runtime = runtime or Runtime(torch.device(device))
+    device, world = runtime.device, current_world()
+    network = wrap_data_parallel(_Network(model, head), device)
+    forward = torch.compile(network) if runtime.compile else network
+    merged = physical_batch(cfg, runtime) != cfg.batch_size
+    coupled = penalty is not None and decoupled is None
     history = []
     for epoch in tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False):
         for group in optimizer.param_groups:
             group["lr"] = cfg.lr * lr_factor(epoch, cfg.epochs)
-        totals = {"loss": 0.0, "penalty": 0.0, "correct": 0, "seen": 0}
-        model.train()
+        # sums on the device (float64, as Python floats): no host round trip per batch
+        totals = torch.zeros(4, dtype=torch.float64, device=device)  # loss, penalty, correct, seen
+        network.train()
         optimizer.zero_grad(set_to_none=True)
-        num_batches = len(loader)
+        num_batches, units_done, finite = len(loader), 0.0, torch.ones((), dtype=torch.bool, device=device)
         for i, (x, y) in enumerate(loader):
-            x, y = x.to(device), y.to(device) - offset
-            outputs = model(x) if head is None else head(model(x))
-            loss = loss_fn(outputs, y)
-            coupled = penalty is not None and decoupled is None
-            reg = penalty() if coupled else torch.zeros((), device=device)
-            total = loss + reg
-            if not torch.isfinite(total):
-                raise TrainingDiverged(
-                    f"{desc}, epoch {epoch}: loss is {loss.item()} and penalty {reg.item()}; "
-                    "the run stops here (earlier modules stay saved)"
-                )
-            (total / cfg.accumulate).backward()
-            if (i + 1) % cfg.accumulate == 0 or i + 1 == num_batches:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True) - offset
+            weight, global_n = shard_weight(loader, i, len(y))
+            units = global_n / cfg.batch_size if merged else 1.0
+            steps = units_done + units >= cfg.accumulate - 1e-9 or i + 1 == num_batches
+            sync = contextlib.nullcontext() if steps or not world.active else network.no_sync()
+            with sync:
+                with runtime.autocast_context():
+                    outputs = forward(x)
+                    loss = loss_fn(outputs, y)
+                reg = penalty() if coupled else torch.zeros((), device=device)
+                total = (loss if weight == 1.0 else loss * weight) + reg
+                finite &= torch.isfinite(total)
+                (total / (cfg.accumulate if units == 1.0 else cfg.accumulate / units)).backward()
+            units_done += units
+            if steps:
+                if not bool(finite):
+                    raise TrainingDiverged(
+                        f"{desc}, epoch {epoch}: loss is {loss.item()} and penalty {reg.item()}; "
+                        "the run stops here (earlier modules stay saved)"
+                    )
                 if penalty is not None and decoupled is not None:
                     reg = decoupled_penalty_step(penalty(), decoupled, step=lr_factor(epoch, cfg.epochs))
                     if not torch.isfinite(reg):
                         raise TrainingDiverged(f"{desc}, epoch {epoch}: penalty is {reg.item()}")
                 optimizer.step()  # a short last group of micro-batches still makes one step
                 optimizer.zero_grad(set_to_none=True)
-            totals["loss"] += loss.item() * len(y)
-            totals["penalty"] += reg.item() * len(y)
-            totals["correct"] += (outputs.argmax(1) == y).sum().item()
-            totals["seen"] += len(y)
-        n = max(totals["seen"], 1)
+                units_done = 0.0
+            if weight != 0.0:  # a padded shard (weight 0) holds no image of the batch
+                n = len(y)
+                totals += torch.stack([loss.detach().double() * n, reg.detach().double() * n,
+                                       (outputs.argmax(1) == y).sum().double(),
+                                       torch.tensor(n, dtype=torch.float64, device=device)])  # fmt: skip
+        if world.active:
+            torch.distributed.all_reduce(totals)
+        loss_sum, penalty_sum, correct, seen = totals.tolist()
+        n = max(seen, 1)
         history.append({
             "epoch": epoch,
-            "loss": totals["loss"] / n,
-            "penalty": totals["penalty"] / n,
-            "train_accuracy": 100.0 * totals["correct"] / n,
+            "loss": loss_sum / n,
+            "penalty": penalty_sum / n,
+            "train_accuracy": 100.0 * int(correct) / n,
         })  # fmt: skip
     return history
 
@@ -233,6 +302,7 @@ def finetune_task(
     decoupled: bool = False,
     progress: bool | None = False,
     device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> FinetuneResult:
     r"""Train τ_t and h_t on one task, at :math:`\theta_0 + \sum_s w_s\tau_s + w\,\tau_t`.
 
@@ -252,7 +322,8 @@ def finetune_task(
             (coupled), or applied by :func:`decoupled_penalty_step` at every optimiser step.
         decoupled: Apply the penalty as the paper's separate SGD step.
         progress: Show a progress bar.
-        device: Where to train.
+        device: Where to train (ignored when ``runtime`` is given).
+        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.distributed.Runtime`).
 
     Returns:
         The trained module, head and per-epoch history (loss, penalty, train accuracy).
@@ -261,27 +332,28 @@ def finetune_task(
         TrainingDiverged: If a loss becomes NaN or infinite.
     """
     t0 = time.time()
+    runtime = runtime or Runtime(torch.device(device))
     gen = torch.Generator().manual_seed(cfg.seed)
     if module is None:
         module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)
     if head is None:
         head = new_head(feature_width(backbone), task.num_classes, generator=gen)
     model = ComposedForward(backbone, theta0, frozen, frozen_coefs, module=module, coef=coef)
-    model.to(device)
-    head.to(device)
+    model.to(runtime.device)
+    head.to(runtime.device)
     opt = torch.optim.AdamW(
         [{"params": module.parameters()}, {"params": head.parameters()}],
         lr=cfg.lr, weight_decay=cfg.weight_decay,
     )  # fmt: skip
     trainable = [p for p in [*module.parameters(), *head.parameters()] if p.requires_grad]
-    loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = train_loader(task.train, physical_batch(cfg, runtime), seed=cfg.seed, runtime=runtime)
     history = train_loop(
         model, opt, loader, cfg,
         loss_fn=nn.functional.cross_entropy,  # only the current head: past-class logits are masked out
         head=head,
         penalty=None if penalty is None else lambda: penalty(module, head),
         decoupled=trainable if decoupled else None,
-        offset=offset, desc=f"task {task.index}", progress=progress, device=device,
+        offset=offset, desc=f"task {task.index}", progress=progress, runtime=runtime,
     )  # fmt: skip
     module.eval()
     return FinetuneResult(module, head, history, time.time() - t0)

@@ -5,41 +5,49 @@ Layout of a pool folder::
     pool.json              manifest: format, θ0 fingerprint, backbone spec, benchmark description
     task_000.safetensors   the module's own tensors ("<weight name>::<role>") + the task head
     task_000.json          card: task, classes, method, style, hyper-parameters, metrics,
-                           θ0 fingerprint, sha256 of the .safetensors file
+                           θ0 fingerprint, sha256 of the .safetensors bytes and of the card itself
 
 Every write is atomic (:mod:`compolab.io`), tensors first and card last: a card
-exists only next to a complete tensor file, and the card's sha256 catches any later damage.
-Loading checks the θ0 fingerprint against the backbone in use and refuses a mismatch. Nothing is
-ever unpickled: files are read with ``safetensors`` only.
+exists only next to a complete tensor file. The card's ``sha256`` covers the tensor file's bytes
+*and* the card's own content (its canonical JSON without that field), so any later change to either
+(a truncated file, an edited ``classes``) is refused. Loading checks, each with one line naming the
+file: the manifest's and the card's schema, the θ0 fingerprint against the backbone in use, the
+hash, the tensors (the module's keys, the head, floating dtype, finite values and, given θ0, the
+dtype and shape of every target). Nothing is ever unpickled: files are read with ``safetensors`` only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torch import nn
+from torch import Tensor, nn
 
 from compolab.errors import CompolabError, ConfigError
-from compolab.io import write_json, write_safetensors
-from compolab.tuning import TaskModule
+from compolab.io import canonical_json, file_sha256, read_json, write_json, write_safetensors
+from compolab.tuning import STYLES, TaskModule
 
-__all__ = ["POOL_FORMAT", "PoolEntry", "Pool", "file_sha256"]
+__all__ = ["POOL_FORMAT", "PoolEntry", "Pool", "file_sha256", "card_sha256"]
 
-POOL_FORMAT = "1"
+#: Format of the manifest and cards ("2": the card's sha256 covers the card too).
+POOL_FORMAT = "2"
 _HEAD = "head::"  # prefix of the head's tensors inside a module file
+_TASK_FILE = re.compile(r"^task_(\d{3,})\.(json|safetensors)$")
+_SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
-def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+def card_sha256(module_path: str | Path, card: Mapping) -> str:
+    """The hash a card stores: sha256 of the module file's bytes, then of the card's canonical JSON
+    without its ``sha256`` field."""
+    h = hashlib.sha256(bytes.fromhex(file_sha256(module_path)))
+    h.update(canonical_json({k: v for k, v in card.items() if k != "sha256"}))
     return h.hexdigest()
 
 

@@ -1,0 +1,420 @@
+"""Devices, precision and ``torchrun`` data parallelism: where and how fast the kit computes.
+
+:class:`Runtime` is the one frozen value that says *how* to compute (never *what*: it is not part
+of a run's config, and a CPU run with the defaults is bit-identical to one without it):
+
+* ``device``: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:k`` (:func:`resolve_device`);
+  under ``torchrun`` with CUDA, each rank takes ``cuda:$LOCAL_RANK``;
+* ``precision``: ``fp32`` or ``bf16`` autocast (default bf16 on CUDA, fp32 on the CPU). Master
+  weights, optimiser state, penalties and Fisher sums stay float32 (:func:`accumulation_dtype`);
+* ``physical_batch``: images per forward; the optimiser still steps every
+  ``batch_size × accumulate`` images with the same gradient (:func:`compolab.finetune.train_loop`);
+* loader ``workers`` and pinned memory (CUDA only), optional ``torch.compile``.
+
+Under ``torchrun`` (``WORLD_SIZE > 1``), :func:`init_distributed` joins the process group (NCCL on
+CUDA, gloo on the CPU); :func:`current_world` tells a rank who it is. One module trains data-parallel
+(:class:`~torch.nn.parallel.DistributedDataParallel` over :class:`ShardedBatchSampler` shards whose
+averaged gradient is the full batch's), and rank 0 alone writes files. Nothing here launches
+processes: ``torchrun`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from compolab.errors import ConfigError
+
+__all__ = [
+    "PRECISIONS",
+    "PEAK_BF16_TFLOPS",
+    "Runtime",
+    "World",
+    "resolve_device",
+    "resolve_precision",
+    "accumulation_dtype",
+    "current_world",
+    "init_distributed",
+    "barrier",
+    "broadcast_tensors",
+    "owner_of",
+    "ShardedBatchSampler",
+    "train_loader",
+    "shard_weight",
+    "wrap_data_parallel",
+    "all_gather_rows",
+    "peak_flops",
+]
+
+PRECISIONS = ("fp32", "bf16")
+
+#: Dense bf16 tensor-core peaks (TFLOP/s, vendor data sheets, no sparsity) used for MFU; a GPU not
+#: listed gets no MFU.
+PEAK_BF16_TFLOPS: dict[str, float] = {
+    "H200": 989.0,
+    "H100 SXM": 989.0,
+    "H100 PCIe": 756.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "RTX 4090": 165.0,
+}
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The device of a ``--device`` value.
+
+    ``auto`` (or None) is CUDA when present, else the CPU; under ``torchrun`` a bare ``cuda`` is
+    ``cuda:$LOCAL_RANK``.
+
+    Raises:
+        ConfigError: For an unknown spelling, CUDA requested without CUDA, or a missing GPU index.
+
+    Examples:
+        >>> resolve_device("cpu")
+        device(type='cpu')
+    """
+    if isinstance(spec, torch.device):
+        spec = str(spec)
+    spec = "auto" if spec is None else spec.strip().lower()
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    kind, _, index = spec.partition(":")
+    if kind != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"unknown device {spec!r}; choose auto, cpu, cuda or cuda:K")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"device {spec!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+    k = int(index) if index else int(os.environ.get("LOCAL_RANK", 0))
+    if k >= torch.cuda.device_count():
+        raise ConfigError(f"device cuda:{k} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
+    return torch.device("cuda", k)
+
+
+def resolve_precision(precision: str | None, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of a ``--precision`` value (None: plain float32, no autocast).
+
+    Default: ``bf16`` on CUDA, ``fp32`` on the CPU (whose runs stay bit-identical). ``bf16`` on the
+    CPU is allowed (slow; it lets the autocast path be tested without a GPU).
+
+    Raises:
+        ConfigError: For a precision other than ``fp32`` / ``bf16``, or bf16 on a GPU without it.
+    """
+    if precision is None:
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; choose one of {list(PRECISIONS)}")
+    if precision == "fp32":
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp32")
+    return torch.bfloat16
+
+
+def accumulation_dtype(t: Tensor) -> torch.dtype:
+    """float32 for a half-precision tensor (sums of squares are kept in float32), else its own dtype."""
+    return torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """How to compute (not what): device, autocast, physical batch, loader workers, compile.
+
+    Attributes:
+        device: Where every tensor lives.
+        autocast: Autocast dtype (``torch.bfloat16``) or None for plain float32.
+        physical_batch: Images per forward pass in training; None = the config's micro-batch.
+            Must be a multiple of the micro-batch that divides ``batch_size × accumulate``.
+        workers: DataLoader worker processes of the training loaders.
+        compile: ``torch.compile`` the training model (CUDA; the first steps compile).
+    """
+
+    device: torch.device = torch.device("cpu")
+    autocast: torch.dtype | None = None
+    physical_batch: int | None = None
+    workers: int = 0
+    compile: bool = False
+
+    @classmethod
+    def resolve(
+        cls,
+        device: str | torch.device | None = "auto",
+        precision: str | None = None,
+        *,
+        physical_batch: int | None = None,
+        workers: int | None = None,
+        compile: bool = False,
+    ) -> Runtime:
+        """A runtime from command-line values; every value is checked before any work.
+
+        Defaults on CUDA: bf16 autocast, up to 8 loader workers per rank; on the CPU: float32, no
+        worker (the CPU path is unchanged).
+
+        Raises:
+            ConfigError: For a bad device, precision, batch or worker count.
+        """
+        dev = resolve_device(device)
+        if physical_batch is not None and physical_batch <= 0:
+            raise ConfigError(f"physical batch must be > 0, got {physical_batch}")
+        if workers is None:
+            per_rank = (os.cpu_count() or 1) // max(1, current_world().local_size)
+            workers = min(8, max(per_rank - 1, 0)) if dev.type == "cuda" else 0
+        if workers < 0:
+            raise ConfigError(f"workers must be >= 0, got {workers}")
+        return cls(dev, resolve_precision(precision, dev), physical_batch, workers, compile)
+
+    @property
+    def precision(self) -> str:
+        """``fp32`` or ``bf16``."""
+        return "bf16" if self.autocast is torch.bfloat16 else "fp32"
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` to :attr:`autocast` on this device, or a no-op for float32."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
+
+    def on(self, device: str | torch.device) -> Runtime:
+        """The same runtime on another device."""
+        return replace(self, device=torch.device(device))
+
+    def describe(self) -> dict:
+        """JSON-ready summary (device name, precision, batch, workers, compile, world size)."""
+        name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        return {"device": str(self.device), "device_name": name, "precision": self.precision,
+                "physical_batch": self.physical_batch, "workers": self.workers, "compile": self.compile,
+                "world_size": current_world().size}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- ranks
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ``torchrun`` ranks (size 1 without torchrun).
+
+    Attributes:
+        rank: Global rank.
+        size: Number of ranks.
+        local_rank: Rank on this machine (its GPU index).
+        local_size: Ranks on this machine.
+    """
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only rank that writes files and prints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        """More than one rank, with the process group up."""
+        return self.size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def current_world() -> World:
+    """The world of this process, from the process group or ``torchrun``'s environment."""
+    if dist.is_available() and dist.is_initialized():
+        size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        size, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", size))
+    return World(rank, size, local, local_size)
+
+
+def init_distributed(device: torch.device) -> World:
+    """Join ``torchrun``'s process group (NCCL on CUDA, gloo on the CPU) when ``WORLD_SIZE > 1``.
+
+    A no-op for a single process or when the group is already up.
+
+    Raises:
+        ConfigError: If the ranks of one machine would share one GPU.
+    """
+    world = current_world()
+    if world.size <= 1 or dist.is_initialized():
+        return current_world()
+    if device.type == "cuda":
+        if device.index is not None and device.index != world.local_rank:
+            raise ConfigError(f"under torchrun rank {world.rank} must use cuda:{world.local_rank}, "
+                              f"not {device}; pass --device cuda or auto")  # fmt: skip
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return current_world()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for one process)."""
+    if current_world().active:
+        dist.barrier()
+
+
+def owner_of(index: int, world: World | None = None) -> int:
+    """The rank that computes item ``index`` of a list split round-robin over the ranks."""
+    world = world or current_world()
+    return index % world.size
+
+
+def broadcast_tensors(tensors: Mapping[str, Tensor], src: int) -> dict[str, Tensor]:
+    """Every rank gets ``src``'s values of ``tensors`` (same keys, shapes and dtypes on every rank).
+
+    Tensors travel through the process group (no pickling); on one process they are returned as
+    they are.
+    """
+    world = current_world()
+    if not world.active:
+        return dict(tensors)
+    out = {}
+    for name in sorted(tensors):  # the same order on every rank
+        t = tensors[name]
+        moved = t.detach().to(_collective_device()).contiguous().clone()
+        dist.broadcast(moved, src)
+        out[name] = moved.to(t.device)
+    return out
+
+
+def _collective_device() -> torch.device:
+    """Where collective tensors must live: the rank's GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_rows(rows: Tensor, owners: Sequence[int]) -> Tensor:
+    """Rows computed on different ranks, gathered on every rank.
+
+    Args:
+        rows: ``(N, ...)``, where row ``i`` is valid on rank ``owners[i]`` (zeros elsewhere).
+        owners: The rank of each row.
+
+    Returns:
+        The ``(N, ...)`` tensor of valid rows, identical on every rank.
+    """
+    world = current_world()
+    if not world.active:
+        return rows
+    mine = torch.tensor([o == world.rank for o in owners], device=rows.device)
+    mask = mine.view(-1, *([1] * (rows.ndim - 1)))
+    summed = torch.where(mask, rows, torch.zeros_like(rows)).to(_collective_device())
+    dist.all_reduce(summed)  # every row is non-zero on its owner only: the sum is that row
+    return summed.to(rows.device)
+
+
+# --------------------------------------------------------------------------- data
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """The batches of a seeded shuffled DataLoader, each cut into one contiguous shard per rank.
+
+    Batch ``i`` holds the same images as batch ``i`` of ``make_loader(dataset, batch_size,
+    shuffle=shuffle, seed=seed)`` (same permutation), so a data-parallel run sees the single-process
+    batches. Rank ``r`` gets the ``r``-th of ``size`` near-equal contiguous slices; a rank whose
+    slice is empty (a last batch smaller than the world) gets one image with weight 0.
+    :attr:`weights` gives each shard's loss weight ``n_r · size / n``, so that the ranks' averaged
+    gradient of ``weight × mean loss`` is the gradient of the whole batch's mean loss.
+
+    Args:
+        length: Number of images.
+        batch_size: Images per global batch.
+        shuffle: Shuffle as ``DataLoader(shuffle=True)`` with a generator seeded ``seed``.
+        seed: Seed of the shuffle.
+        world: The ranks (default: :func:`current_world`).
+    """
+
+    def __init__(self, length: int, batch_size: int, *, shuffle: bool, seed: int, world: World | None = None):
+        if length <= 0 or batch_size <= 0:
+            raise ConfigError(f"need images and batch_size > 0, got {length} and {batch_size}")
+        self.length, self.batch_size = length, batch_size
+        self.world = world or current_world()
+        # the single-process loader's index batches, drawn exactly as it draws them (same generator use)
+        gen = torch.Generator().manual_seed(seed)
+        self.batches = DataLoader(range(length), batch_size=batch_size, shuffle=shuffle, generator=gen)
+        self.sizes = [min(batch_size, length - s) for s in range(0, length, batch_size)]
+        self.weights = [len(range(*self._bounds(n))) * self.world.size / n for n in self.sizes]
+
+    def _bounds(self, n: int) -> tuple[int, int]:
+        r, k = self.world.rank, self.world.size
+        return (r * n) // k, ((r + 1) * n) // k
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batches:
+            batch = batch.tolist()
+            lo, hi = self._bounds(len(batch))
+            yield batch[lo:hi] if hi > lo else batch[:1]
+
+
+def train_loader(dataset: Dataset, batch_size: int, *, seed: int, runtime: Runtime | None = None) -> DataLoader:
+    """The shuffled training loader of one task on ``runtime``: sharded over the ranks under torchrun,
+    with worker processes and pinned memory on CUDA.
+
+    On one process and the CPU it is :func:`compolab.data.make_loader` (the same batches, bit for bit).
+    """
+    from compolab.data import make_loader
+
+    runtime = runtime or Runtime()
+    world = current_world()
+    pin = runtime.device.type == "cuda"
+    extra = {"num_workers": runtime.workers, "pin_memory": pin,
+             "persistent_workers": runtime.workers > 0}  # fmt: skip
+    if not world.active:
+        if runtime.workers == 0 and not pin:
+            return make_loader(dataset, batch_size, shuffle=True, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, **extra)
+    sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=True, seed=seed, world=world)
+    return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed), **extra)
+
+
+def shard_weight(loader: object, index: int, local_n: int) -> tuple[float, int]:
+    """``(loss weight, images in the whole batch)`` of batch ``index`` of ``loader``.
+
+    ``(1.0, local_n)`` unless the loader is sharded over ranks (:class:`ShardedBatchSampler`).
+    """
+    sampler = getattr(loader, "batch_sampler", None)
+    if isinstance(sampler, ShardedBatchSampler):
+        return sampler.weights[index], sampler.sizes[index]
+    return 1.0, local_n
+
+
+def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model`` under DistributedDataParallel when several ranks run, else ``model`` itself.
+
+    Only parameters that require grad are synchronised; frozen buffers (θ0's) are not broadcast at
+    every forward (they are identical on every rank: the same checkpoint).
+    """
+    if not current_world().active:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of a known GPU in bf16 (:data:`PEAK_BF16_TFLOPS`); None on the CPU / unknown."""
+    if device.type != "cuda" or precision != "bf16":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # the more specific names come first
+        if key in name:
+            return tflops * 1e12
+    return None
