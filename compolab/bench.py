@@ -1,4 +1,4 @@
-"""Benchmarks (``compolab bench compose|fisher|tmc|probe``): timing goals live here, never in tests.
+"""Benchmarks (``compolab bench compose|fisher|tmc|probe|step``): timing goals live here, never in tests.
 
 **compose** — :func:`bench_compose`: inference cost of a composed model of T = 1 and T = 10 modules
 (one merged model: the same cost), of an output ensemble of 10 models (10 forwards), and of one
@@ -10,6 +10,9 @@ IEL training step with 1 and 10 frozen modules (pre-merged: the same cost).
 composition vs a 10-model output ensemble.
 
 **probe** — :func:`bench_probe`: one 41-point basin-probe curve: one point per forward, vmapped, a plain loop.
+
+**step** — :func:`bench_step`: images/s of a plain LoRA step, an ITA step and an IEL step (same model,
+batch, device, precision), of the Fisher, and MFU against the device's bf16 peak when known.
 
 :func:`bench_fisher` builds one model (the tiny preset's ViT shape, random init, an
 ``IncrementalHead``) and one batch, then times in the same process, round-robin:
@@ -24,6 +27,7 @@ composition vs a 10-model output ensemble.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 from collections.abc import Callable
@@ -31,12 +35,13 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from compolab.distributed import Runtime, peak_flops
 from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
 from compolab.models import TINY_VIT, BackboneSpec, make_backbone, theta0_of, tuned_weight_names
 from compolab.tuning import TaskModule
 
-__all__ = ["bench_compose", "bench_fisher", "bench_probe", "bench_tmc", "official_loop_fisher"]
+__all__ = ["bench_compose", "bench_fisher", "bench_probe", "bench_step", "bench_tmc", "official_loop_fisher"]
 
 
 def official_loop_fisher(
@@ -500,4 +505,148 @@ def bench_probe(
         "images": images,
         "chunk": chunk,
         "threads": torch.get_num_threads() if threads is None else threads,
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _step_flops(step: Callable[[], object]) -> float:
+    """FLOPs of one call of ``step`` (forward and backward), counted by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return float(counter.get_total_flops())
+
+
+def bench_step(
+    *,
+    preset: str = "tiny",
+    runtime: Runtime | None = None,
+    batch_size: int | None = None,
+    steps: int = 4,
+    repeats: int = 5,
+    num_frozen: int = 2,
+    seed: int = 0,
+) -> dict:
+    r"""Images/s of one training step: plain LoRA, ITA (Eq. 11–12) and IEL (Eq. 18–19), and of the Fisher.
+
+    Same backbone (the preset's shape, random init: nothing is downloaded), batch, device and
+    precision for all, in one process, through the kit's own :func:`~compolab.finetune.train_loop`
+    (``steps`` optimiser steps per timed call, LoRA of the preset's rank, AdamW):
+
+    * ``plain``: θ0 + τ_t, cross-entropy, no penalty;
+    * ``ita``: the same plus ITA's penalty :math:`\frac{\alpha}{2}\sum \bar F \tau_t^2` and the head
+      penalty, coupled (a loss term);
+    * ``iel``: θ0 + (1/T) Σ_{s≤t} τ_s with ``num_frozen`` frozen (pre-merged) modules, plus IEL's
+      penalty with its cross term and the head penalty;
+    * ``fisher``: the preset's Fisher (tiny: Monte Carlo, paper: exact) of the batch at θ0.
+
+    Each timed call comes after a warm-up call; the methods run round-robin ``repeats`` times and
+    the median is reported. MFU = FLOPs per image (counted once on the plain step) × images/s /
+    the device's dense bf16 peak (:data:`~compolab.distributed.PEAK_BF16_TFLOPS`; None on the CPU).
+
+    Returns:
+        ``images_per_s`` per step kind, ``ita_over_plain`` / ``iel_over_plain`` (time ratios),
+        ``fisher_images_per_s``, ``flops_per_image``, ``mfu`` (per kind, or None) and the setting.
+    """
+    from compolab.compose import ComposedForward
+    from compolab.config import get_preset, preset_configs
+    from compolab.finetune import FinetuneConfig, train_loop
+    from compolab.methods import get_method
+    from compolab.methods.ita_iel import IEL, ITA
+    from compolab.methods.penalties import head_penalty, iel_penalty, ita_penalty
+
+    runtime = runtime or Runtime()
+    device = runtime.device
+    p = get_preset(preset)
+    ita, iel = ITA.name, IEL.name  # the step kinds' keys: "plain" and the two methods' names
+    ft, mc = preset_configs(p, get_method(ita), None)
+    spec = p.backbone
+    batch = batch_size or (ft.batch_size * ft.accumulate if device.type == "cuda" else ft.batch_size)
+    gen = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    backbone = make_backbone(spec).to(device).requires_grad_(False).eval()
+    theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
+    head0 = new_head(spec.embed_dim, 10, generator=gen).to(device)
+    x = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=gen).to(device)
+    y = torch.randint(10, (batch,), generator=gen).to(device)
+    loader = [(x, y)] * steps
+    cfg = FinetuneConfig(style="lora", rank=ft.rank, epochs=1, batch_size=batch, accumulate=1, lr=ft.lr)
+
+    fisher_times = []
+    for rep in range(min(repeats, 3) + 1):  # round 0 is the warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        with runtime.autocast_context():
+            fisher = diagonal_fisher(backbone, head0, [(x, y)], names=names, kind=mc.fisher_kind,
+                                     generator=gen)  # fmt: skip
+        _sync(device)
+        if rep:
+            fisher_times.append(time.perf_counter() - t0)
+    fisher_seconds = statistics.median(fisher_times)
+    mean_f = fisher.mean(floor=1e-5)
+    frozen = [m.delta(theta0).detach() for m in _random_modules("lora", theta0, names, num_frozen, gen)]
+    previous = {n: sum(tau[n] for tau in frozen) for n in names}
+    cls_fisher = {"weight": torch.full_like(head0.weight, 1e-3), "bias": torch.full_like(head0.bias, 1e-3)}
+
+    def make(kind: str) -> Callable[[], None]:
+        module = TaskModule.create("lora", theta0, names, rank=ft.rank,
+                                   generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
+        head = copy.deepcopy(head0)
+        incremental = kind == iel
+        model = ComposedForward(backbone, theta0, frozen if incremental else (), module=module,
+                                coef=1 / (num_frozen + 1) if incremental else 1.0)  # fmt: skip
+        opt = torch.optim.AdamW([*module.parameters(), *head.parameters()], lr=cfg.lr)
+
+        def penalty() -> Tensor:
+            tau = dict(module.delta(theta0))
+            if incremental:
+                reg = iel_penalty(tau, previous, mean_f, mc.beta, num_frozen)
+            else:
+                reg = ita_penalty(tau, mean_f, mc.alpha)
+            return reg + head_penalty(head, head0, cls_fisher, 0.025, 0.001)
+
+        def call() -> None:
+            train_loop(model, opt, loader, cfg, loss_fn=nn.functional.cross_entropy, head=head,
+                       penalty=None if kind == "plain" else penalty, runtime=runtime)  # fmt: skip
+
+        return call
+
+    calls = {k: make(k) for k in ("plain", ita, iel)}
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for rep in range(repeats + 1):  # round 0 is the warm-up
+        for k, fn in calls.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep:
+                times[k].append((time.perf_counter() - start) / steps)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    one = make("plain")
+    loader[:] = loader[:1]
+    flops = _step_flops(one)  # forward + backward + AdamW of one step of batch images
+    peak = peak_flops(device, runtime.precision)
+    ips = {k: batch / s for k, s in med.items()}
+    return {
+        "images_per_s": {k: round(v, 1) for k, v in ips.items()},
+        "step_seconds": {k: round(v, 5) for k, v in med.items()},
+        f"{ita}_over_plain": round(med[ita] / med["plain"], 3),
+        f"{iel}_over_plain": round(med[iel] / med["plain"], 3),
+        "fisher_images_per_s": round(batch / fisher_seconds, 1),
+        "fisher_kind": mc.fisher_kind,
+        "flops_per_image": flops / batch,
+        "peak_flops": peak,
+        "mfu": {k: round(flops / batch * v / peak, 4) for k, v in ips.items()} if peak else None,
+        "preset": preset,
+        "backbone": spec.timm_name,
+        "batch_size": batch,
+        "steps_per_call": steps,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        **runtime.describe(),
     }

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import time
 from pathlib import Path
@@ -18,23 +20,45 @@ __all__ = ["main"]
 
 
 class _Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose errors are one line, like the kit's own."""
+    """An ArgumentParser whose errors are one line, like the kit's own; ``-1,0.5`` and ``-1e-3``
+    are values, not options."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._negative_number_matcher = re.compile(r"^-\.?\d")
 
     def error(self, message: str):  # noqa: D102
         raise ConfigError(message)
 
 
-def _positive(kind: type):
+def _number(kind: type, *, low: float | None = None, strict: bool = True, high: float | None = None):
+    """An argparse type: a finite ``kind`` above ``low`` (``strict``: ``> low``, else ``>= low``)
+    and below ``high``."""
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-        if value <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        if not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        if low is not None and (value <= low if strict else value < low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text}")
+        if high is not None and value >= high:
+            raise argparse.ArgumentTypeError(f"must be < {high}, got {text}")
         return value
 
     return parse
+
+
+def _positive(kind: type):
+    return _number(kind, low=0)
+
+
+#: ``--seed``: what torch, numpy and the tiny world all accept.
+_seed = _number(int, low=0, strict=False, high=2**32)
+_finite = _number(float)
+_non_negative = _number(float, low=0, strict=False)
 
 
 def _emit(result: dict, as_json: bool) -> None:
@@ -139,13 +163,43 @@ def _floats(text: str | None, flag: str) -> list[float] | None:
     if text is None:
         return None
     try:
-        return [float(x) for x in text.split(",") if x.strip() != ""]
+        values = [float(x) for x in text.split(",") if x.strip() != ""]
     except ValueError:
         raise ConfigError(f"{flag} expects comma-separated numbers like 0.5,0.5; got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ConfigError(f"{flag} expects finite numbers; got {text!r}")
+    return values
+
+
+def _runtime(args: argparse.Namespace):
+    """The :class:`~compolab.distributed.Runtime` of ``--device`` / ``--precision`` / ... (checked
+    first), joined to ``torchrun``'s process group when one runs this command."""
+    from compolab.distributed import Runtime, init_distributed
+
+    runtime = Runtime.resolve(args.device, getattr(args, "precision", None),
+                              physical_batch=getattr(args, "physical_batch", None),
+                              workers=getattr(args, "workers", None),
+                              compile=getattr(args, "compile", False))  # fmt: skip
+    init_distributed(runtime.device)
+    return runtime
+
+
+def _finish_ranks() -> None:
+    """Wait for every ``torchrun`` rank, then leave the process group."""
+    import torch.distributed as dist
+
+    from compolab.distributed import barrier
+
+    barrier()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from compolab.run import run, run_config
+    import os
+
+    from compolab.distributed import current_world
+    from compolab.run import follow, run, run_config
 
     cfg = run_config(
         args.method,
@@ -160,10 +214,22 @@ def _cmd_train(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         rank=args.rank,
         seed=args.seed,
+        checkpoint=args.checkpoint,
+        num_tasks=args.num_tasks,
+        fisher_samples=args.fisher_samples,
     )
-    results = run(cfg, args.out, resume=args.resume, progress=args.progress)
+    if args.root:
+        os.environ["COMPOLAB_DATA"] = args.root  # the preset's data root, for this run only
+    runtime = _runtime(args)
+    if not current_world().is_main:  # another torchrun rank: rank 0 writes and reports
+        follow(cfg, args.out, resume=args.resume, runtime=runtime)
+        _finish_ranks()
+        return
+    results = run(cfg, args.out, resume=args.resume, progress=args.progress, runtime=runtime)
+    _finish_ranks()
     summary = {k: results[k] for k in ("final_accuracy", "accuracy_matrix", "task_seconds")}
     summary["out"] = str(args.out)
+    summary["runtime"] = runtime.describe()
     _emit(summary, args.json)
 
 
@@ -190,13 +256,17 @@ def _cmd_compose(args: argparse.Namespace) -> None:
         negate=_ids(args.negate, "--negate") or (),
         negate_coef=args.negate_coef,
     )
+    runtime = _runtime(args)
     backbone, theta0, bench = open_pool_world(pool, load_data=args.eval)
+    backbone, theta0 = backbone.to(runtime.device), {n: v.to(runtime.device) for n, v in theta0.items()}
     sha = pool.manifest["theta0_sha256"]
-    entries = {t: pool.load(t, theta0_sha256=sha) for t in plan.tasks + plan.negated}
+    entries = {t: pool.load(t, theta0_sha256=sha, theta0=theta0) for t in plan.tasks + plan.negated}
     model, head = compose(backbone, theta0, entries, plan)  # TMC: the linearised model
     result: dict = {"composition": plan.describe(), "num_classes": len(head.global_labels)}
     if args.eval:
-        acc = evaluate_tasks(model, head, bench, plan.tasks, progress=args.progress)
+        with runtime.autocast_context():
+            acc = evaluate_tasks(model, head, bench, plan.tasks, progress=args.progress,
+                                 device=runtime.device)
         result["per_task_accuracy"] = {str(t): round(a, 2) for t, a in acc.items()}
         result["average_accuracy"] = round(final_average(acc), 2)
     _emit(result, args.json)
@@ -215,10 +285,15 @@ def _cmd_probe(args: argparse.Namespace) -> None:
         options = dict(span=tuple(args.span), steps=args.steps, random=args.random)
     else:
         options = {}
+    runtime = _runtime(args)
     summary = probe_pool(args.what, args.pool, args.out, plot=args.plot, tasks=_ids(args.tasks, "--tasks"),
                          split=args.split, per_task=args.per_task, seed=args.seed, progress=args.progress,
-                         **options)  # fmt: skip
-    _emit(summary, args.json)
+                         device=runtime.device, **options)  # fmt: skip
+    _finish_ranks()
+    from compolab.distributed import current_world
+
+    if current_world().is_main:
+        _emit(summary, args.json)
 
 
 # --------------------------------------------------------------------------- bench
@@ -227,12 +302,32 @@ def _cmd_probe(args: argparse.Namespace) -> None:
 def _cmd_bench(args: argparse.Namespace) -> None:
     from compolab import bench
 
+    if args.what == "step":
+        runtime = _runtime(args)
+        _emit(bench.bench_step(preset=args.preset, runtime=runtime, batch_size=args.batch_size,
+                               repeats=args.repeats), args.json)  # fmt: skip
+        return
     fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher, "tmc": bench.bench_tmc,
           "probe": bench.bench_probe}[args.what]  # fmt: skip
     _emit(fn(), args.json)
 
 
 # --------------------------------------------------------------------------- main
+
+
+def _runtime_flags(p: argparse.ArgumentParser, *, training: bool = False) -> None:
+    """``--device`` and ``--precision`` (every computing command); loader and batch flags (training)."""
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:K")
+    p.add_argument("--precision", default=None, choices=["fp32", "bf16"],
+                   help="bf16 autocast (default on CUDA) or fp32 (default on the CPU)")  # fmt: skip
+    if training:
+        p.add_argument("--physical-batch", type=_positive(int), default=None, metavar="B",
+                       help="images per forward: a multiple of --batch-size dividing the optimiser "
+                            "step (same gradient; default: the whole step on CUDA, the micro-batch "
+                            "on the CPU)")  # fmt: skip
+        p.add_argument("--workers", type=int, default=None,
+                       help="loader workers per rank (default: up to 8 on CUDA, 0 on the CPU)")  # fmt: skip
+        p.add_argument("--compile", action="store_true", help="torch.compile the training model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -243,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print one JSON object")
     common.add_argument("--no-progress", dest="progress", action="store_false",
                         help="hide progress bars")  # fmt: skip
-    common.add_argument("--seed", type=int, default=0)
+    common.add_argument("--seed", type=_seed, default=0, help="random seed, 0 <= seed < 2**32")
 
     p = sub.add_parser("world", parents=[common], help="the tiny world: split, timing, probe")
     p.add_argument("--preset", default=None, help="tiny (default) or paper")
@@ -285,15 +380,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tuning", default="lora", help="full, lora or ia3")
     p.add_argument("--preset", default=None, help="tiny (default) or paper")
     p.add_argument("--dataset", default=None, help="benchmark; default: the preset's")
-    p.add_argument("--alpha", type=float, default=None, help="alpha of ITA (Eq. 11)")
-    p.add_argument("--beta", type=float, default=None, help="beta of IEL (Eq. 18/19)")
+    p.add_argument("--alpha", type=_non_negative, default=None, help="alpha of ITA (Eq. 11)")
+    p.add_argument("--beta", type=_non_negative, default=None, help="beta of IEL (Eq. 18/19)")
     p.add_argument("--ablation", default="none", help="none, no-reg or cls-only")
     p.add_argument("--epochs", type=_positive(int), default=None)
-    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--lr", type=_positive(float), default=None)
     p.add_argument("--batch-size", type=_positive(int), default=None)
     p.add_argument("--rank", type=_positive(int), default=None, help="LoRA rank r")
     p.add_argument("--out", required=True, help="run folder (pool/, results.json, log.txt)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",
+                   help="train only the first N tasks of the benchmark")  # fmt: skip
+    p.add_argument("--checkpoint", default=None,
+                   help="θ0 from this .safetensors (+ .json card) instead of the preset's")  # fmt: skip
+    p.add_argument("--root", default=None, help="folder of the real datasets ($COMPOLAB_DATA)")
+    p.add_argument("--fisher-samples", type=_positive(int), default=None, metavar="N",
+                   help="ITA/IEL: the Fisher on a seeded subset of N images per task (default: the preset's)")
+    _runtime_flags(p, training=True)
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("compose", parents=[common], help="compose / unlearn / specialize a pool")
@@ -301,9 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None, help="compose only these tasks, e.g. 0,2,3")
     p.add_argument("--drop", default=None, help="leave these tasks out (unlearning)")
     p.add_argument("--negate", default=None, help="subtract these tasks' modules (unlearning)")
-    p.add_argument("--negate-coef", type=float, default=1.0, help="lambda of the negated tasks")
+    p.add_argument("--negate-coef", type=_finite, default=1.0, help="lambda of the negated tasks")
     p.add_argument("--weights", default=None, help="weights of the composed tasks, e.g. 0.5,0.5")
     p.add_argument("--eval", action="store_true", help="accuracy on the pool's benchmark")
+    _runtime_flags(p)
     p.set_defaults(func=_cmd_compose)
 
     p = sub.add_parser("probe", help="loss-landscape / basin probes of a pool (figures + JSON)")
@@ -315,8 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     probe.add_argument("--per-task", type=_positive(int), default=50, help="probe images per task")
     probe.add_argument("--out", required=True, help="results file (.json)")
     probe.add_argument("--plot", default=None, help="figure file (.png, .pdf or .svg)")
+    probe.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda or cuda:K")
     q = kinds.add_parser("interpolate", parents=[common, probe], help="loss along θ0 + λτ for each module")
-    q.add_argument("--range", nargs=2, type=float, default=[-0.5, 2.0], metavar=("LO", "HI"), help="λ range")
+    q.add_argument("--range", nargs=2, type=_finite, default=[-0.5, 2.0], metavar=("LO", "HI"),
+                   help="λ range")  # fmt: skip
     q.add_argument("--steps", type=_positive(int), default=41, help="λ values")
     q.add_argument("--composed", action="store_true", help="also the path to the composition θ0 + λ·mean τ")
     q.add_argument("--second-order", default="fisher", choices=["none", "fisher", "hessian", "diagonal"],
@@ -324,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_probe)
     q = kinds.add_parser("plane", parents=[common, probe], help="loss on the plane θ0 + a·u + b·v")
     q.add_argument(
-        "--span", nargs=2, type=float, default=[-0.5, 1.5], metavar=("LO", "HI"), help="a, b range"
+        "--span", nargs=2, type=_finite, default=[-0.5, 1.5], metavar=("LO", "HI"), help="a, b range"
     )
     q.add_argument("--steps", type=_positive(int), default=21, help="grid points per axis")
     q.add_argument("--random", type=int, default=0, choices=[0, 1, 2],
@@ -334,7 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
-    p.add_argument("what", choices=["compose", "fisher", "tmc", "probe"])
+    p.add_argument("what", choices=["compose", "fisher", "tmc", "probe", "step"])
+    p.add_argument("--preset", default="tiny", help="step: the backbone of tiny (default) or paper")
+    p.add_argument("--batch-size", type=_positive(int), default=None, help="step: images per step")
+    p.add_argument("--repeats", type=_positive(int), default=5, help="step: timed rounds (median)")
+    _runtime_flags(p)
     p.set_defaults(func=_cmd_bench)
     return parser
 

@@ -99,6 +99,7 @@ def get_preset(name: str | None = None, **overrides) -> Preset:
     bad = sorted(set(overrides) - fields)
     if bad:
         raise ConfigError(f"unknown preset field(s) {bad}; fields are {sorted(fields)}")
+    overrides.setdefault("data_root", os.environ.get("COMPOLAB_DATA", "data"))  # read now, not at import
     return replace(PRESETS[name], **overrides)
 
 

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
 import torch
@@ -43,6 +45,7 @@ __all__ = [
     "current_world",
     "init_distributed",
     "barrier",
+    "rank_local",
     "broadcast_tensors",
     "owner_of",
     "ShardedBatchSampler",
@@ -133,7 +136,8 @@ class Runtime:
     Attributes:
         device: Where every tensor lives.
         autocast: Autocast dtype (``torch.bfloat16``) or None for plain float32.
-        physical_batch: Images per forward pass in training; None = the config's micro-batch.
+        physical_batch: Images per forward pass in training; None = the whole optimiser step on CUDA,
+            the config's micro-batch on the CPU (:func:`compolab.finetune.physical_batch`).
             Must be a multiple of the micro-batch that divides ``batch_size × accumulate``.
         workers: DataLoader worker processes of the training loaders.
         compile: ``torch.compile`` the training model (CUDA; the first steps compile).
@@ -226,8 +230,28 @@ class World:
         return self.size > 1 and dist.is_available() and dist.is_initialized()
 
 
+#: Set inside :func:`rank_local`: this rank computes alone (no collective), whatever the world.
+_RANK_LOCAL: ContextVar[bool] = ContextVar("compolab_rank_local", default=False)
+
+
+@contextlib.contextmanager
+def rank_local() -> Iterator[None]:
+    """Within it, this rank trains on its own (no DDP, no sharding): :func:`current_world` is size 1.
+
+    For work that the ranks split among themselves (ITA's independent modules).
+    """
+    token = _RANK_LOCAL.set(True)
+    try:
+        yield
+    finally:
+        _RANK_LOCAL.reset(token)
+
+
 def current_world() -> World:
-    """The world of this process, from the process group or ``torchrun``'s environment."""
+    """The world of this process, from the process group or ``torchrun``'s environment (size 1
+    inside :func:`rank_local`)."""
+    if _RANK_LOCAL.get():
+        return World()
     if dist.is_available() and dist.is_initialized():
         size, rank = dist.get_world_size(), dist.get_rank()
     else:
@@ -362,23 +386,23 @@ class ShardedBatchSampler(Sampler[list[int]]):
             yield batch[lo:hi] if hi > lo else batch[:1]
 
 
-def train_loader(dataset: Dataset, batch_size: int, *, seed: int, runtime: Runtime | None = None) -> DataLoader:
+def train_loader(
+    dataset: Dataset, batch_size: int, *, seed: int, runtime: Runtime | None = None
+) -> DataLoader:
     """The shuffled training loader of one task on ``runtime``: sharded over the ranks under torchrun,
     with worker processes and pinned memory on CUDA.
 
     On one process and the CPU it is :func:`compolab.data.make_loader` (the same batches, bit for bit).
     """
-    from compolab.data import make_loader
-
     runtime = runtime or Runtime()
     world = current_world()
     pin = runtime.device.type == "cuda"
     extra = {"num_workers": runtime.workers, "pin_memory": pin,
              "persistent_workers": runtime.workers > 0}  # fmt: skip
-    if not world.active:
-        if runtime.workers == 0 and not pin:
-            return make_loader(dataset, batch_size, shuffle=True, seed=seed)
+    if not world.active:  # compolab.data.make_loader's loader, plus workers / pinning on CUDA
         gen = torch.Generator().manual_seed(seed)
+        if runtime.workers == 0 and not pin:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, num_workers=0)
         return DataLoader(dataset, batch_size=batch_size, shuffle=True, generator=gen, **extra)
     sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=True, seed=seed, world=world)
     return DataLoader(dataset, batch_sampler=sampler, generator=torch.Generator().manual_seed(seed), **extra)
@@ -406,7 +430,9 @@ def wrap_data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+    with warnings.catch_warnings():  # newer torch renames the flag; the behaviour wanted is the same
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        return DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

@@ -137,11 +137,12 @@ def compose_pool(
     missing = [t for t in used if t not in entries]
     if missing:
         raise ConfigError(f"task(s) {missing} are planned but not loaded")
-    taus = [entries[t].module.delta(theta0).detach() for t in used]
+    device = next(iter(theta0.values())).device  # modules and heads follow θ0 (a pool loads on the CPU)
+    taus = [entries[t].module.to(device).delta(theta0).detach() for t in used]
     coefs = list(plan.coefs) + [-c for c in plan.negated_coefs]
     model = merge(backbone, theta0, taus, coefs)
     head = IncrementalHead(
-        [entries[t].head for t in plan.tasks],
+        [entries[t].head.to(device) for t in plan.tasks],
         tasks=plan.tasks,
         classes=[entries[t].classes for t in plan.tasks],
     )

@@ -72,9 +72,13 @@ class FinetuneConfig:
         for f in ("rank", "epochs", "batch_size", "accumulate"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"FinetuneConfig.{f} must be > 0, got {getattr(self, f)}")
-        for f in ("lr", "weight_decay"):
-            if getattr(self, f) < 0:
-                raise ConfigError(f"FinetuneConfig.{f} must be >= 0, got {getattr(self, f)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"FinetuneConfig.lr must be > 0 and finite, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"FinetuneConfig.weight_decay must be >= 0 and finite, "
+                              f"got {self.weight_decay}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"FinetuneConfig.seed must be in [0, 2**32), got {self.seed}")
 
 
 @dataclass
@@ -145,7 +149,8 @@ class _Network(nn.Module):
 
 
 def physical_batch(cfg: FinetuneConfig, runtime: Runtime | None) -> int:
-    """Images per forward pass: ``runtime.physical_batch``, or the config's micro-batch.
+    """Images per forward pass: ``runtime.physical_batch``; by default the whole optimiser step on
+    CUDA and the config's micro-batch on the CPU.
 
     A physical batch larger than the micro-batch must be a multiple of it that divides the step
     (``batch_size × accumulate``), so that every optimiser step sees the same images with the same
@@ -154,8 +159,10 @@ def physical_batch(cfg: FinetuneConfig, runtime: Runtime | None) -> int:
     Raises:
         ConfigError: For a physical batch that does not fit the step.
     """
-    size = runtime.physical_batch if runtime is not None and runtime.physical_batch else cfg.batch_size
     step = cfg.batch_size * cfg.accumulate
+    size = cfg.batch_size
+    if runtime is not None:  # on CUDA the default is the whole step in one forward (paper: 8 x 16 = 128)
+        size = runtime.physical_batch or (step if runtime.device.type == "cuda" else cfg.batch_size)
     if size != cfg.batch_size and (size % cfg.batch_size or step % size):
         raise ConfigError(f"physical batch {size} must be a multiple of the micro-batch {cfg.batch_size} "
                           f"that divides the step of {step} images (batch_size x accumulate)")  # fmt: skip

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from compolab.distributed import accumulation_dtype
 from compolab.errors import ConfigError
 from compolab.fisher_store import PAPER_FISHER_FLOOR, DiagonalFisher, FisherAccumulator
 from compolab.models import tuned_weight_names
@@ -263,12 +264,15 @@ def diagonal_fisher(
                 raise ConfigError("the model returned non-finite logits (NaN or inf): no Fisher")
             use_labels = kind == "empirical" and labels is not None
             cols = _columns(labels.to(device), head, logits.shape[1]) if use_labels else None
-            rows = _cotangents(logits, cols, kind, mc_samples, top_k, generator)
+            # p in float32 even under autocast; the rows take the logits' dtype for the backward
+            wide = logits.to(accumulation_dtype(logits))
+            rows = _cotangents(wide, cols, kind, mc_samples, top_k, generator).to(logits.dtype)
             chunk = class_chunk or default_chunk(captures, device)
             if linears:
-                parts = linear_squared_grads(
-                    logits, rows, captures, wanted, chunk=chunk, contraction=contraction
-                )
+                with torch.autocast(device.type, enabled=False):  # float32 contractions under bf16 autocast
+                    parts = linear_squared_grads(
+                        logits, rows, captures, wanted, chunk=chunk, contraction=contraction
+                    )
                 for owner, entries in parts.items():
                     for attr, value in entries.items():
                         _accumulate(total, f"{owner}.{attr}", value)

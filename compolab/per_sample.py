@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from compolab.distributed import accumulation_dtype
 from compolab.errors import ConfigError
 
 __all__ = [
@@ -95,6 +96,11 @@ def default_chunk(captures: dict[str, LinearCapture], device: torch.device) -> i
         free, _ = torch.cuda.mem_get_info(device)
         return max(1, int(free * CUDA_MEMORY_SHARE) // (per_row * outputs[0].element_size()))
     return max(1, min(CPU_CHUNK_ROWS, MAX_CHUNK_ELEMENTS // per_row))
+
+
+def _accumulating(t: Tensor) -> Tensor:
+    """``t`` in float32 when it is half precision (autocast), else unchanged."""
+    return t.to(accumulation_dtype(t))
 
 
 def _as_tokens(t: Tensor, batch: int) -> Tensor:
@@ -194,7 +200,8 @@ def linear_squared_grads(
         raise ConfigError(f"contraction must be one of {CONTRACTIONS}, got {contraction!r}")
     batch, rows = logits.shape[0], cotangents.shape[0]
     layers = [n for n in captures if captures[n].outputs]  # a layer never called has zero gradient
-    inputs = {n: captures[n].tokens_in(batch) for n in layers}
+    # under bf16 autocast the sums of squares are formed in float32 (accumulation_dtype)
+    inputs = {n: _accumulating(captures[n].tokens_in(batch)) for n in layers}
     sizes = {n: (inputs[n].shape[1], captures[n].outputs[0].shape[-1], inputs[n].shape[-1]) for n in layers}
     gram = {n for n in layers if wanted[n][0] and _use_gram(rows, *sizes[n], batch, contraction)}
     # Keep K across row chunks (one final GEMM) unless all kernels together are too large.
@@ -216,7 +223,7 @@ def linear_squared_grads(
                 for o, gr in zip(outputs, grads[i : i + len(outputs)], strict=True)
             ]
             i += len(outputs)
-            g = parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)  # (R, B, T, O)
+            g = _accumulating(parts[0] if len(parts) == 1 else torch.cat(parts, dim=2))  # (R, B, T, O)
             want_w, want_b = wanted[name]
             if want_b:
                 _add(out[name], "bias", g.sum(2).square().sum((0, 1)))

@@ -122,8 +122,9 @@ class Pool:
             raise CompolabError(f"{root} is not a module pool (no pool.json); train one first")
         manifest = read_json(path, what="pool manifest")
         if manifest.get("compolab_format") != POOL_FORMAT:
-            raise CompolabError(f"{path}: unsupported pool format {manifest.get('compolab_format')!r} "
-                                f"(this compolab reads format {POOL_FORMAT!r}); retrain the pool")  # fmt: skip
+            found = manifest.get("compolab_format")
+            raise CompolabError(f"{path}: unsupported pool format {found!r} (this compolab reads "
+                                f"format {POOL_FORMAT!r}); retrain the pool")  # fmt: skip
         sha = manifest.get("theta0_sha256")
         if not isinstance(sha, str) or not _SHA.match(sha):
             raise CompolabError(f"{path}: theta0_sha256 is missing or not a sha256 (64 hex digits)")
@@ -138,6 +139,10 @@ class Pool:
 
     def _paths(self, task: int) -> tuple[Path, Path]:
         return self.root / f"task_{task:03d}.safetensors", self.root / f"task_{task:03d}.json"
+
+    def card_path(self, task: int) -> Path:
+        """The card of task ``task`` (written last: it makes the module part of the pool)."""
+        return self._paths(task)[1]
 
     def tasks(self) -> list[int]:
         """Ids of the tasks with a complete module (a card next to its tensor file).
@@ -253,13 +258,13 @@ def _check_card(path: Path, card: dict, task: int) -> None:
     if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
         raise bad("names", "a non-empty list of weight names")
     classes = card.get("classes")
-    if not isinstance(classes, list) or not classes or len(set(map(str, classes))) != len(classes) \
-            or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 0 for c in classes):  # fmt: skip
+    ids = isinstance(classes, list) and all(type(c) is int and c >= 0 for c in classes)
+    if not ids or not classes or len(set(classes)) != len(classes):
         raise bad("classes", "a non-empty list of distinct class ids >= 0")
 
 
 def _check_tensors(path: Path, tensors: dict[str, Tensor], head: dict[str, Tensor], num_classes: int) -> None:
-    """Floating, finite tensors and a head of ``num_classes`` rows."""
+    """Floating, finite tensors and a head of at least ``num_classes`` rows."""
     for key, t in tensors.items():
         if not t.is_floating_point():
             raise CompolabError(f"{path}: tensor {key!r} has dtype {t.dtype}; modules are floating point")
@@ -268,7 +273,7 @@ def _check_tensors(path: Path, tensors: dict[str, Tensor], head: dict[str, Tenso
     if set(head) != {"weight", "bias"}:
         raise CompolabError(f"{path}: no task head (expected tensors {_HEAD}weight and {_HEAD}bias)")
     w, b = head["weight"], head["bias"]
-    if w.ndim != 2 or b.shape != (w.shape[0],) or w.shape[0] != num_classes:
+    if w.ndim != 2 or b.shape != (w.shape[0],) or w.shape[0] < num_classes:  # a TMC head covers all classes
         raise CompolabError(f"{path}: the head has shape {tuple(w.shape)} / {tuple(b.shape)}; its card "
                             f"lists {num_classes} classes")  # fmt: skip
 
@@ -281,7 +286,8 @@ def _check_fits(path: Path, module: TaskModule, theta0: Mapping[str, Tensor]) ->
     for role, tensors in module.tensor_lists().items():
         for name, p in zip(module.names, tensors, strict=True):
             if p.dtype != theta0[name].dtype:
-                raise CompolabError(f"{path}: {name}::{role} has dtype {p.dtype}, θ0 has {theta0[name].dtype}")
+                raise CompolabError(f"{path}: the {role} tensor of {name} has dtype {p.dtype}, θ0 has "
+                                    f"{theta0[name].dtype}")  # fmt: skip
     try:
         with torch.no_grad():
             module.delta({n: theta0[n].to("cpu") for n in module.names})

@@ -4,12 +4,18 @@
 
     config.json    the run's configuration (a resumed run must match it exactly)
     pool/          the module pool (``compolab.pool``): one safetensors + JSON card per task
-    results.json   final_accuracy (%), accuracy_matrix, composed_accuracy, task_seconds, wall_seconds, config
+    state/         the method's state after the last committed task (``after_<t>.*``)
+    results.json   final_accuracy (%), accuracy_matrix, composed_accuracy, task_seconds, wall_seconds,
+                   config, and the commit record (the sha256 of every file a resume needs)
     log.txt        one line per event
+    .lock          the OS lock held by the running process
 
-Results are rewritten after every task, so a killed run keeps every finished task, and
-``resume=True`` starts again at the first unfinished one. A NaN / infinite loss stops the run
-with :class:`~compolab.errors.TrainingDiverged`; the modules already saved stay valid.
+The folder is checked before any work and locked for the run (:mod:`compolab.runfolder`). Each
+task is committed as a whole: its module, card and state go to files of its own, then
+``results.json`` is replaced atomically as the single commit marker. A run killed anywhere
+(:data:`TASK_POINTS`, and every write's ``<file>:<stage>`` of :mod:`compolab.io`) resumes with
+``resume=True`` from the last committed task to identical numbers. A NaN / infinite loss stops
+the run with :class:`~compolab.errors.TrainingDiverged` (logged); the committed tasks stay valid.
 
 The driver knows no method by name: it asks the :class:`~compolab.methods.Method` which tasks
 it trains, how to compose and which tasks to evaluate.
@@ -26,17 +32,25 @@ import torch
 from torch import nn
 
 from compolab.config import get_preset, load_benchmark_for, load_theta0, preset_configs
-from compolab.data import Benchmark
+from compolab.data import Benchmark, TinyWorldConfig, tiny_benchmark
+from compolab.distributed import Runtime
 from compolab.editing import plan_composition
-from compolab.errors import CompolabError, ConfigError
+from compolab.errors import CompolabError, ConfigError, TrainingDiverged
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
-from compolab.io import write_json
+from compolab.io import fault, read_json
 from compolab.methods import DEFAULT_METHOD, MethodConfig, TaskContext, get_method
+from compolab.methods.state import saved_generations, state_path
 from compolab.models import fingerprint, theta0_of, tuned_weight_names
 from compolab.pool import Pool, PoolEntry
+from compolab.runfolder import RunFolder, check_out
 
-__all__ = ["RunConfig", "run_config", "run", "load_results", "open_pool_world"]
+__all__ = ["TASK_POINTS", "RunConfig", "run_config", "run", "follow", "load_results", "open_pool_world"]
+
+#: The kill points of a task t, in order (``COMPOLAB_FAULT="task <t>:<point>"``, :func:`compolab.io.fault`):
+#: trained (nothing saved), saved (module and card written), finished (state written),
+#: evaluated (results not yet committed), committed (previous state not yet deleted).
+TASK_POINTS = ("trained", "saved", "finished", "evaluated", "committed")
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,9 @@ class RunConfig:
         dataset: Benchmark name; default: the preset's.
         finetune: Per-task fine-tuning hyper-parameters (style, epochs, lr, ...).
         method_cfg: The method's own knobs (α, β, ablation, head pipeline).
-        checkpoint: θ0 checkpoint (tiny preset); default: the shipped one.
+        checkpoint: θ0 checkpoint (a safetensors file + JSON card); default: the preset's θ0.
+        num_tasks: Train only the first ``num_tasks`` tasks of the benchmark (None: all; stored
+            in the config only when set).
     """
 
     method: str = DEFAULT_METHOD
@@ -58,13 +74,19 @@ class RunConfig:
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     method_cfg: MethodConfig = field(default_factory=MethodConfig)
     checkpoint: str | None = None
+    num_tasks: int | None = None
 
     def __post_init__(self) -> None:
         get_method(self.method)  # validates the name
         get_preset(self.preset)  # validates the name
+        if self.num_tasks is not None and self.num_tasks <= 0:
+            raise ConfigError(f"num_tasks must be > 0, got {self.num_tasks}")
 
     def to_json(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if data["num_tasks"] is None:  # configs of whole benchmarks keep their earlier form
+            del data["num_tasks"]
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> RunConfig:
@@ -83,36 +105,7 @@ def load_results(out: str | Path) -> dict:
     path = Path(out) / "results.json"
     if not path.exists():
         raise CompolabError(f"{path} not found: no run in {out}")
-    return json.loads(path.read_text())
-
-
-def _check_resume(out: Path, cfg: RunConfig, resume: bool) -> dict | None:
-    """Validate the output folder before any work; returns the previous results when resuming."""
-    cfg_path = out / "config.json"
-    if not resume:
-        if cfg_path.exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
-        return None
-    if not cfg_path.exists():
-        raise ConfigError(f"--resume: {out} holds no run (no config.json)")
-    previous = json.loads(cfg_path.read_text())
-    current = json.loads(json.dumps(cfg.to_json()))
-    if previous != current:
-        diff = _diff_fields(previous, current)
-        raise ConfigError(f"--resume: {out} was made with another config (fields differ: {diff})")
-    return load_results(out) if (out / "results.json").exists() else None
-
-
-def _diff_fields(a: dict, b: dict, prefix: str = "") -> list[str]:
-    """Dotted names of the fields where two nested config dicts differ."""
-    out = []
-    for key in sorted(set(a) | set(b)):
-        x, y = a.get(key), b.get(key)
-        if isinstance(x, dict) and isinstance(y, dict):
-            out += _diff_fields(x, y, f"{prefix}{key}.")
-        elif x != y:
-            out.append(f"{prefix}{key}")
-    return out
+    return read_json(path, what="run results")
 
 
 def run(
@@ -124,6 +117,7 @@ def run(
     benchmark: Benchmark | None = None,
     backbone: nn.Module | None = None,
     device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> dict:
     """Train ``cfg.method`` on every task of the benchmark; returns the results dict.
 
@@ -134,30 +128,38 @@ def run(
         progress: Show progress bars.
         benchmark: Use this benchmark instead of the preset's (tests, notebooks).
         backbone: Use this θ0 instead of the preset's.
-        device: Training device.
+        device: Training device (ignored when ``runtime`` is given).
+        runtime: Device, precision, physical batch, workers (:class:`~compolab.distributed.Runtime`).
+            Under ``torchrun`` this is rank 0's call; the other ranks call :func:`follow`.
 
     Raises:
-        ConfigError: Before any training, for a bad config, an empty task, or a ``resume``
-            that does not match.
-        TrainingDiverged: If a loss becomes NaN / infinite (finished tasks stay saved).
+        ConfigError: Before any training, for a bad config, an empty task, an ``out`` that is
+            not a new / empty folder or a run (``resume``) with this config, or one that another
+            process holds.
+        TrainingDiverged: If a loss becomes NaN / infinite (committed tasks stay saved).
     """
     out = Path(out)
-    previous = _check_resume(out, cfg, resume)
-    preset = get_preset(cfg.preset)
-    bench = benchmark if benchmark is not None else load_benchmark_for(preset, cfg.dataset)
-    for task in bench.tasks:
-        if len(task.train) == 0:
-            raise ConfigError(f"task {task.index} of {bench.name!r} has no training data")
-    theta0_model = backbone if backbone is not None else load_theta0(preset, cfg.checkpoint)
-    theta0_model = theta0_model.to(device).eval().requires_grad_(False)
-    theta0 = theta0_of(theta0_model)
-    names = tuned_weight_names(theta0_model)
+    config_json = json.loads(json.dumps(cfg.to_json()))  # as config.json reads back
+    check_out(out, config_json, resume)  # before the expensive set-up; again under the lock
+    runtime = runtime or Runtime(torch.device(device))
+    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device)
     sha = fingerprint(theta0_model)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "config.json", cfg.to_json())
+    folder = RunFolder.open(out, config_json, resume)
+    try:
+        return _run_tasks(cfg, folder, bench, theta0_model, theta0, names, sha, runtime, progress)
+    finally:
+        folder.close()
+
+
+def _run_tasks(
+    cfg: RunConfig, folder: RunFolder, bench: Benchmark, theta0_model: nn.Module, theta0: dict,
+    names: list[str], sha: str, runtime: Runtime, progress: bool | None,
+) -> dict:  # fmt: skip
+    """The task loop of :func:`run`, in a locked and recovered run folder, one commit per task."""
+    out = folder.root
     pool = Pool.create(out / "pool", theta0_sha256=sha, benchmark={"name": bench.name, **bench.info},
                        preset=cfg.preset, checkpoint=cfg.checkpoint, method=cfg.method)  # fmt: skip
-    results = previous or {
+    results = folder.results or {
         "config": cfg.to_json(), "benchmark": bench.name, "num_tasks": bench.num_tasks,
         "accuracy_matrix": [], "composed_accuracy": [], "task_seconds": [], "final_accuracy": None,
         "wall_seconds": 0.0,
@@ -165,10 +167,14 @@ def run(
     wall_before, t_start = results.get("wall_seconds", 0.0), time.time()
     done = len(results["accuracy_matrix"])
     log = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the whole run
+    if folder.discarded:
+        log.write(f"{time.strftime('%H:%M:%S')} resume after {done} committed task(s): discarded the "
+                  f"uncommitted {', '.join(folder.discarded)}\n")  # fmt: skip
     method = get_method(cfg.method)
+    state_dir = out / "state"
     ctx = TaskContext(method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,
-                      device=device, progress=progress, state_dir=out / "state")  # fmt: skip
-    entries = pool.load_all(theta0_sha256=sha) if done else {}
+                      progress=progress, state_dir=state_dir, runtime=runtime)  # fmt: skip
+    entries = pool.load_all(theta0_sha256=sha, theta0=theta0) if done else {}
     entries = {t: e for t, e in entries.items() if t < done}
     ctx.restore(entries)
     for t in method.tasks(bench):
@@ -177,25 +183,90 @@ def run(
         t0 = time.time()
         log.write(f"{time.strftime('%H:%M:%S')} task {t}: training ({cfg.method}, {cfg.finetune.style})\n")
         log.flush()
-        entry = method.train(ctx, t)
+        try:
+            entry = method.train(ctx, t)
+        except TrainingDiverged as e:
+            log.write(f"{time.strftime('%H:%M:%S')} task {t}: stopped, {e}\n")
+            log.close()
+            raise
+        fault(f"task {t}:trained")
         pool.save(entry)
         entries[t] = entry
+        fault(f"task {t}:saved")
+        before = set(saved_generations(state_dir))
         ctx.finish(entry)
+        fault(f"task {t}:finished")
         seconds = time.time() - t0
         row = _evaluate_after(ctx, entries, t)
+        fault(f"task {t}:evaluated")
         results["accuracy_matrix"].append(row)
         results["composed_accuracy"].append(round(sum(row) / len(row), 2))
         results["task_seconds"].append(round(seconds, 2))
+        results["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
+        new_state = [state_path(state_dir, t)] if state_path(state_dir, t).exists() else []
+        old_state = [state_path(state_dir, s) for s in before if s != t] if new_state else []
+        folder.commit(results, add=[pool.card_path(t), *new_state], drop=old_state)
+        fault(f"task {t}:committed")
         log.write(f"{time.strftime('%H:%M:%S')} task {t}: {seconds:.1f}s, accuracy {row}\n")
         log.flush()
-        results["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-        write_json(out / "results.json", results)
     last = results["accuracy_matrix"][-1]
     results["final_accuracy"] = round(sum(last) / len(last), 2)
     results["wall_seconds"] = round(wall_before + time.time() - t_start, 1)
-    write_json(out / "results.json", results)
+    folder.write_results(results)
     log.close()
     return results
+
+
+def _run_world(
+    cfg: RunConfig, benchmark: Benchmark | None, backbone: nn.Module | None, device: torch.device
+) -> tuple[Benchmark, nn.Module, dict, list[str]]:
+    """The benchmark (its first ``cfg.num_tasks`` tasks) and θ0 of a run, θ0 frozen on ``device``."""
+    preset = get_preset(cfg.preset)
+    bench = benchmark if benchmark is not None else load_benchmark_for(preset, cfg.dataset)
+    if cfg.num_tasks is not None:
+        if cfg.num_tasks > bench.num_tasks:
+            raise ConfigError(f"--tasks {cfg.num_tasks}: {bench.name!r} has {bench.num_tasks} tasks")
+        n = cfg.num_tasks
+        bench = Benchmark(bench.name, bench.tasks[:n], bench.class_names[: bench.offsets[n]], bench.info)
+    for task in bench.tasks:
+        if len(task.train) == 0:
+            raise ConfigError(f"task {task.index} of {bench.name!r} has no training data")
+    theta0_model = backbone if backbone is not None else load_theta0(preset, cfg.checkpoint)
+    theta0_model = theta0_model.to(device).eval().requires_grad_(False)
+    return bench, theta0_model, theta0_of(theta0_model), tuned_weight_names(theta0_model)
+
+
+def follow(
+    cfg: RunConfig,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    benchmark: Benchmark | None = None,
+    backbone: nn.Module | None = None,
+    runtime: Runtime | None = None,
+) -> None:
+    """The part of a ``torchrun`` rank other than 0 in :func:`run`: the same training, no file.
+
+    It trains the same tasks in the same order as rank 0's :func:`run` (whose collectives it
+    joins: DDP steps, ITA's shared modules), restores a resumed run from the files rank 0
+    committed, and neither evaluates nor writes anything.
+    """
+    out = Path(out)
+    runtime = runtime or Runtime()
+    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device)
+    committed = load_results(out) if resume and (out / "results.json").exists() else None
+    done = len(committed["accuracy_matrix"]) if committed else 0
+    method = get_method(cfg.method)
+    ctx = TaskContext(method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,
+                      progress=False, state_dir=out / "state", runtime=runtime)  # fmt: skip
+    if done:
+        pool = Pool.open(out / "pool")
+        entries = pool.load_all(theta0_sha256=fingerprint(theta0_model), theta0=theta0)
+        ctx.restore({t: e for t, e in entries.items() if t < done})
+    ctx.state_dir = None  # rank 0 alone writes the state
+    for t in method.tasks(bench):
+        if t >= done:
+            ctx.finish(method.train(ctx, t))
 
 
 def _evaluate_after(ctx: TaskContext, entries: dict[int, PoolEntry], t: int) -> list:
@@ -223,6 +294,8 @@ def run_config(
     rank: int | None = None,
     seed: int = 0,
     checkpoint: str | None = None,
+    num_tasks: int | None = None,
+    fisher_samples: int | None = None,
 ) -> RunConfig:
     """A run configuration from a preset's defaults (:func:`compolab.config.preset_configs`) plus
     explicit overrides (``compolab train``).
@@ -234,30 +307,60 @@ def run_config(
     ft = replace(ft, style=tuning, seed=seed)
     ft_changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank}
     ft = replace(ft, **{k: v for k, v in ft_changes.items() if v is not None})
-    mc_changes = {"alpha": alpha, "beta": beta}
+    mc_changes = {"alpha": alpha, "beta": beta, "fisher_samples": fisher_samples}
     mc = replace(mc, ablation=ablation, **{k: v for k, v in mc_changes.items() if v is not None})
     return RunConfig(method=method, preset=p.name, dataset=dataset, finetune=ft, method_cfg=mc,
-                     checkpoint=checkpoint)  # fmt: skip
+                     checkpoint=checkpoint, num_tasks=num_tasks)  # fmt: skip
 
 
 def open_pool_world(pool: Pool, *, load_data: bool = True) -> tuple[nn.Module, dict, Benchmark | None]:
     """θ0 and the benchmark a pool was trained on, from its manifest (``compolab compose``).
 
-    Raises:
-        CompolabError: If the backbone in use is not the pool's θ0.
-    """
-    from compolab.data import TinyWorldConfig, tiny_benchmark
+    Nothing is downloaded: the paper preset's θ0 must already be in the local timm / Hugging Face
+    cache (``compolab train --preset paper`` puts it there) or be a checkpoint file.
 
+    Raises:
+        CompolabError: One line, before any weights are loaded for a bad benchmark description;
+            then if θ0 is not local, or the backbone in use is not the pool's θ0.
+    """
     m = pool.manifest
     preset = get_preset(m.get("preset", "tiny"))
-    backbone = load_theta0(preset, m.get("checkpoint")).eval().requires_grad_(False)
+    world = _manifest_world(pool) if load_data else None
+    backbone = _local_theta0(preset, m.get("checkpoint")).eval().requires_grad_(False)
     if fingerprint(backbone) != m["theta0_sha256"]:
         raise CompolabError(f"{pool.root} was trained from another backbone than {preset.name}'s θ0")
     bench = None
     if load_data:
         info = m.get("benchmark", {})
-        if info.get("name") == "tiny":
-            bench = tiny_benchmark(TinyWorldConfig(**info["config"]))
-        else:
-            bench = load_benchmark_for(preset, info.get("name"))
+        bench = tiny_benchmark(world) if world is not None else load_benchmark_for(preset, info.get("name"))
     return backbone, theta0_of(backbone), bench
+
+
+def _manifest_world(pool: Pool) -> TinyWorldConfig | None:
+    """The tiny world of a pool's manifest, checked (None for a real dataset)."""
+    info = pool.manifest.get("benchmark", {})
+    if info.get("name") != "tiny":
+        return None
+    try:
+        return TinyWorldConfig(**info.get("config", {}))
+    except (TypeError, ValueError) as e:  # unknown / missing fields, bad values
+        raise CompolabError(f"{pool.root / 'pool.json'}: bad tiny benchmark config ({e})") from None
+
+
+def _local_theta0(preset, checkpoint: str | None) -> nn.Module:
+    """θ0 of a preset from local files only: the paper's ViT from the timm cache, never downloaded."""
+    if preset.name != "paper" or checkpoint is not None:
+        return load_theta0(preset, checkpoint)
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = preset.backbone
+    hub_id = timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id
+    path = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
+    if not isinstance(path, str):
+        raise CompolabError(f"the paper preset's θ0 ({spec.timm_name}) is not in the local Hugging Face "
+                            "cache, and composing never downloads: run `compolab train --preset paper` "
+                            "once (it downloads θ0), or set HF_HOME to the cache that holds it")  # fmt: skip
+    model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": path},
+                              num_classes=0, img_size=spec.img_size)  # fmt: skip
+    return model.eval()

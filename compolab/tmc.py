@@ -36,10 +36,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compolab.compose import merge
-from compolab.data import Task, make_loader
+from compolab.data import Task
+from compolab.distributed import Runtime, train_loader
 from compolab.editing import CompositionPlan
 from compolab.errors import ConfigError
-from compolab.finetune import FinetuneConfig, FinetuneResult, train_loop
+from compolab.finetune import FinetuneConfig, FinetuneResult, physical_batch, train_loop
 from compolab.heads import IncrementalHead
 from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
 from compolab.pool import PoolEntry
@@ -164,6 +165,7 @@ def train_component(
     module: TaskModule | None = None,
     progress: bool | None = False,
     device: str | torch.device = "cpu",
+    runtime: Runtime | None = None,
 ) -> FinetuneResult:
     r"""Train one TMC component on one task through the linearised model.
 
@@ -178,7 +180,8 @@ def train_component(
         names: Target weights of the module.
         module: Start from this module (default: a fresh one, τ = 0).
         progress: Show a progress bar.
-        device: Where to train.
+        device: Where to train (ignored when ``runtime`` is given).
+        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.distributed.Runtime`).
 
     Returns:
         The trained module, the head tangent as an ``nn.Linear`` (weight ΔW, bias Δb), the
@@ -189,19 +192,20 @@ def train_component(
     """
     t0 = time.time()
     cfg = cfg if cfg is not None else FinetuneConfig()
+    runtime = runtime or Runtime(torch.device(device))
     gen = torch.Generator().manual_seed(cfg.seed)
     if module is None:
         module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)
-    model = LinearizedModel(backbone, theta0, module=module, head=head).to(device)
+    model = LinearizedModel(backbone, theta0, module=module, head=head).to(runtime.device)
     trainable = [p for p in model.parameters() if p.requires_grad]  # module + head tangent
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    loader = make_loader(task.train, cfg.batch_size, shuffle=True, seed=cfg.seed)
+    loader = train_loader(task.train, physical_batch(cfg, runtime), seed=cfg.seed, runtime=runtime)
     history = train_loop(
         model, opt, loader, cfg,
         loss_fn=partial(scaled_square_loss, kappa=tmc.kappa),  # (B, C): every class of the benchmark
         lr_factor=partial(step_factor, milestones=tmc.milestones, gamma=tmc.gamma),
         penalty=lambda: norm_penalty(trainable, wd=tmc.wd),
-        desc=f"tmc task {task.index}", progress=progress, device=device,
+        desc=f"tmc task {task.index}", progress=progress, runtime=runtime,
     )  # fmt: skip
     module.eval()
     return FinetuneResult(module, _linear_of(model.component().head), history, time.time() - t0)

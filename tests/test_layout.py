@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1] / "compolab"
 #: Bottom to top: a module imports only from its own layer or a lower one. A name ending in ".*"
 #: covers a package and every module in it.
 LAYERS: list[set[str]] = [
-    {"errors", "io", "plotting"},
+    {"errors", "io", "plotting", "distributed"},
     {"world", "heads", "per_sample", "task_vector"},
     {"data", "models", "tuning", "fisher_store"},
     {"datasets", "linear_probe", "pretrain", "fisher", "compose", "pool", "linearize", "evaluate"},
@@ -27,7 +27,7 @@ LAYERS: list[set[str]] = [
     {"tmc"},
     {"methods.*"},
     {"config"},
-    {"run"},
+    {"run", "runfolder"},
     {"probes.*"},
     {"bench", "cli"},
     {""},  # compolab/__init__.py: the public API

@@ -88,9 +88,9 @@ def test_pickle_payload_is_never_unpickled(pool, backbone, monkeypatch):
     path.write_bytes(payload)
     card_path = pool.root / "task_002.json"
     card = json.loads(card_path.read_text())
-    from compolab.pool import file_sha256
+    from compolab.pool import card_sha256
 
-    card["sha256"] = file_sha256(path)  # even with a matching card, it is not a safetensors file
+    card["sha256"] = card_sha256(path, card)  # even with a matching card, it is not a safetensors file
     card_path.write_text(json.dumps(card))
 
     def boom(*args, **kwargs):

@@ -10,6 +10,7 @@ saved after every task so that a killed run resumes (:meth:`Method.restore`).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from compolab.data import Benchmark
+from compolab.distributed import Runtime
 from compolab.editing import CompositionPlan, compose_pool
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, FinetuneResult
@@ -80,10 +82,11 @@ class MethodConfig:
     def __post_init__(self) -> None:
         for f in ("alpha", "beta", "ewc_lambda", "simple_reg_weight_cls", "pretune_lr"):
             value = getattr(self, f)
-            if not value >= 0:
-                raise ConfigError(f"MethodConfig.{f} must be >= 0, got {value}")
-        if self.req_weight_cls is not None and not self.req_weight_cls >= 0:
-            raise ConfigError(f"MethodConfig.req_weight_cls must be >= 0, got {self.req_weight_cls}")
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"MethodConfig.{f} must be >= 0 and finite, got {value}")
+        req = self.req_weight_cls
+        if req is not None and not (math.isfinite(req) and req >= 0):
+            raise ConfigError(f"MethodConfig.req_weight_cls must be >= 0 and finite, got {req}")
         if self.ablation not in ABLATIONS:
             raise ConfigError(f"unknown ablation {self.ablation!r}; choose one of {list(ABLATIONS)}")
         for f in ("pretune_epochs", "align_epochs", "align_samples"):
@@ -206,11 +209,15 @@ class TaskContext:
         backbone: θ0's model (frozen).
         theta0: θ0's named parameters.
         names: Target weights of the modules.
-        device: Training device.
+        device: Training device (``runtime.device`` when a runtime is given).
         progress: Show progress bars.
         state_dir: Where the state is saved after each task (None: not saved).
         taus: :math:`\\tau_s` of the finished tasks.
         state: The method's state (:meth:`Method.new_state`).
+        runtime: Device, autocast, physical batch, workers (:class:`~compolab.distributed.Runtime`);
+            default: float32 on ``device``.
+        ahead: Tasks trained ahead of the driver (ITA's modules trained in parallel across ranks):
+            ``t -> (entry, the state a sequential run has after t)``.
     """
 
     method: Method
@@ -225,14 +232,21 @@ class TaskContext:
     state_dir: Path | None = None
     taus: dict[int, TaskVector] = field(default_factory=dict)
     state: MethodState = None
+    runtime: Runtime | None = None
+    ahead: dict[int, tuple[PoolEntry, MethodState]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.runtime is None:
+            self.runtime = Runtime(torch.device(self.device))
+        self.device = self.runtime.device
         if self.state is None:
             self.state = self.method.new_state()
 
     def restore(self, entries: Mapping[int, PoolEntry]) -> None:
         """Rebuild τ_s and the state of the finished tasks (``--resume``)."""
         for t in sorted(entries):
+            entries[t].module.to(self.device)
+            entries[t].head.to(self.device)
             self.taus[t] = entries[t].module.delta(self.theta0).detach()
         if entries:
             self.method.restore(self, entries)

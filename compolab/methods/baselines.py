@@ -27,7 +27,7 @@ class Naive(MergedMethod):
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
         task = ctx.bench.tasks[t]
         result = finetune_task(ctx.backbone, ctx.theta0, task, ctx.offset(t), ctx.seeded(t),
-                               names=ctx.names, progress=ctx.progress, device=ctx.device)  # fmt: skip
+                               names=ctx.names, progress=ctx.progress, runtime=ctx.runtime)  # fmt: skip
         return ctx.entry(t, result, task.classes)
 
 
@@ -43,7 +43,8 @@ class Sequential(MergedMethod):
         task = ctx.bench.tasks[t]
         result = finetune_task(ctx.backbone, ctx.theta0, task, ctx.offset(t), ctx.seeded(t),
                                names=ctx.names, frozen=[ctx.taus[s] for s in range(t)],
-                               frozen_coefs=[1.0] * t, progress=ctx.progress, device=ctx.device)  # fmt: skip
+                               frozen_coefs=[1.0] * t, progress=ctx.progress,
+                               runtime=ctx.runtime)  # fmt: skip
         return ctx.entry(t, result, task.classes)
 
 
@@ -68,5 +69,5 @@ class Joint(MergedMethod):
                      ConcatDataset([k.val for k in bench.tasks]),
                      ConcatDataset([k.test for k in bench.tasks]))  # fmt: skip
         result = finetune_task(ctx.backbone, ctx.theta0, every, 0, ctx.finetune, names=ctx.names,
-                               progress=ctx.progress, device=ctx.device)  # fmt: skip
+                               progress=ctx.progress, runtime=ctx.runtime)  # fmt: skip
         return ctx.entry(0, result, every.classes)

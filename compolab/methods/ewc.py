@@ -47,7 +47,7 @@ class EWC(MergedMethod):
         result = finetune_task(ctx.backbone, ctx.theta0, task, ctx.offset(t), ctx.seeded(t),
                                names=ctx.names, frozen=[ctx.taus[s] for s in range(t)],
                                frozen_coefs=[1.0] * t, penalty=penalty, progress=ctx.progress,
-                               device=ctx.device)  # fmt: skip
+                               runtime=ctx.runtime)  # fmt: skip
         return ctx.entry(t, result, task.classes, ewc_lambda=lam)
 
     def finish(self, ctx: TaskContext, entry: PoolEntry) -> None:

@@ -22,18 +22,22 @@ Per task t, in order (as the official code):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import Subset
 
 from compolab.data import make_loader
+from compolab.distributed import current_world, owner_of, rank_local
 from compolab.finetune import finetune_task
 from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
-from compolab.heads import IncrementalHead, new_head, pretune_heads
+from compolab.heads import ClassGaussians, IncrementalHead, new_head, pretune_heads
 from compolab.linear_probe import extract_features
 from compolab.methods.base import MergedMethod, TaskContext
+from compolab.methods.parallel import share_entry, share_fisher
 from compolab.methods.penalties import head_penalty, iel_penalty, ita_penalty, linear_head_fisher
 from compolab.methods.state import SecondOrderState, load_second_order_state, save_second_order_state
 from compolab.pool import PoolEntry
@@ -46,23 +50,30 @@ FISHER_BATCH = 64  # images per batch of the Fisher pass (memory only: the sum i
 
 
 def task_fisher(ctx: TaskContext, t: int, head: nn.Module, model: nn.Module | None = None) -> DiagonalFisher:
-    """Fisher of ``head(model(x))`` (default model: θ0) on task t's training data (or a seeded subset)."""
+    """Fisher of ``head(model(x))`` (default model: θ0) on task t's training data (or a seeded subset).
+
+    Runs on ``ctx.device`` under its autocast (bf16 forward and backward, float32 sums of squares).
+    """
     data = ctx.bench.tasks[t].train
     gen = torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
     n = ctx.cfg.fisher_samples
     if n is not None and n < len(data):
         data = Subset(data, torch.randperm(len(data), generator=gen)[:n].sort().values.tolist())
-    loader = make_loader(data, FISHER_BATCH)
+    cuda = ctx.device.type == "cuda"
+    loader = make_loader(data, FISHER_BATCH, num_workers=ctx.runtime.workers if cuda else 0)
     model = ctx.backbone if model is None else model
-    return diagonal_fisher(model, head, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
-                           top_k=ctx.cfg.fisher_top_k, mc_samples=ctx.cfg.mc_samples, generator=gen,
-                           progress=False)  # fmt: skip
+    head = copy.deepcopy(head).to(ctx.device)  # C_pre stays on the CPU with the class statistics
+    with ctx.runtime.autocast_context():
+        return diagonal_fisher(model, head, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
+                               top_k=ctx.cfg.fisher_top_k, mc_samples=ctx.cfg.mc_samples, generator=gen,
+                               progress=False)  # fmt: skip
 
 
 def _pretune(ctx: TaskContext, state: SecondOrderState, t: int) -> IncrementalHead:
     """Class statistics and :math:`C_{pre}` for task t (the previous heads, plus a new one)."""
     task, gen = ctx.bench.tasks[t], torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
-    feats, labels = extract_features(ctx.backbone, task.train, device=ctx.device)
+    with ctx.runtime.autocast_context():
+        feats, labels = extract_features(ctx.backbone, task.train, device=ctx.device)  # float32, CPU
     state.stats.update(feats, labels)
     heads = list(state.cpre.heads) if state.cpre is not None else []
     classes = list(state.cpre.classes) if state.cpre is not None else []
@@ -77,6 +88,21 @@ def _pretune(ctx: TaskContext, state: SecondOrderState, t: int) -> IncrementalHe
     return cpre
 
 
+@dataclass
+class _Prepared:
+    """What task t's training needs and what does not depend on any τ_s: C_pre and the Fishers at θ0.
+
+    Attributes:
+        cpre: :math:`C_{pre}` after task t's pre-tuning.
+        fisher: :math:`f_t`, task t's Fisher at θ0 with :math:`C_{pre}` (None without the backbone penalty).
+        cls_fisher: The head penalty's Fisher of head t (CPU).
+    """
+
+    cpre: IncrementalHead
+    fisher: DiagonalFisher | None
+    cls_fisher: dict[str, Tensor]
+
+
 class _SecondOrder(MergedMethod):
     """ITA and IEL: one code path, ``incremental`` tells them apart."""
 
@@ -88,19 +114,11 @@ class _SecondOrder(MergedMethod):
     def _strength(self, ctx: TaskContext) -> float:
         return ctx.cfg.beta if self.incremental else ctx.cfg.alpha
 
-    def train(self, ctx: TaskContext, t: int) -> PoolEntry:
-        state: SecondOrderState = ctx.state
-        cfg, task, iel = ctx.cfg, ctx.bench.tasks[t], self.incremental
+    def _prepare(self, ctx: TaskContext, state: SecondOrderState, t: int, fisher: bool = True) -> _Prepared:
+        """Pre-tune C_pre (updates ``state.stats``) and, with ``fisher``, compute f_t at θ0."""
+        cfg, iel = ctx.cfg, self.incremental
         cpre = _pretune(ctx, state, t)
-        backbone_fisher: dict[str, Tensor] | None = None
-        if cfg.ablation == "none":  # the backbone penalty (Eq. 12 / 19)
-            f_t = task_fisher(ctx, t, cpre)
-            acc = FisherAccumulator()
-            if state.fisher is not None:
-                acc.add_task(state.fisher)
-            acc.add_task(f_t)
-            backbone_fisher = acc.iel(t=acc.num_tasks - 1) if iel else acc.ita(t=acc.num_tasks - 1)
-            state.pending = f_t
+        f_t = task_fisher(ctx, t, cpre) if cfg.ablation == "none" and fisher else None
         # head Fisher on synthetic features: ITA classes of tasks 0..t, IEL tasks 0..t-1 (official code)
         seen = [c for cs in cpre.classes[: t if iel else t + 1] for c in cs]
         if seen:
@@ -111,12 +129,27 @@ class _SecondOrder(MergedMethod):
                 "weight": torch.zeros_like(cpre.heads[t].weight),
                 "bias": torch.zeros_like(cpre.heads[t].bias),
             }
-        cls_fisher = {k: v + 1e-5 for k, v in cls_fisher.items()}
+        return _Prepared(cpre, f_t, {k: v + 1e-5 for k, v in cls_fisher.items()})
+
+    def _fit(
+        self, ctx: TaskContext, t: int, prep: _Prepared, previous_fisher: DiagonalFisher | None
+    ) -> PoolEntry:
+        """Train τ_t and h_t given the prepared C_pre / Fishers and the Fisher sum of tasks < t."""
+        cfg, task, iel = ctx.cfg, ctx.bench.tasks[t], self.incremental
+        dev = ctx.device
+        backbone_fisher: dict[str, Tensor] | None = None
+        if prep.fisher is not None:  # the backbone penalty (Eq. 12 / 19)
+            acc = FisherAccumulator()
+            if previous_fisher is not None:
+                acc.add_task(previous_fisher.to(dev))
+            acc.add_task(prep.fisher.to(dev))
+            backbone_fisher = acc.iel(t=acc.num_tasks - 1) if iel else acc.ita(t=acc.num_tasks - 1)
+        cls_fisher = {k: v.to(dev) for k, v in prep.cls_fisher.items()}
         strength = self._strength(ctx)
         req = cfg.req_weight_cls if cfg.req_weight_cls is not None else strength
-        anchor = cpre.heads[t]
-        previous = {n: sum(ctx.taus[s][n] for s in range(t)) for n in ctx.names} if (iel and t) else {}
+        anchor = copy.deepcopy(prep.cpre.heads[t]).to(dev)
         head_reg = cfg.ablation != "no-reg"
+        previous = {n: sum(ctx.taus[s][n] for s in range(t)) for n in ctx.names} if (iel and t) else {}
 
         def penalty(module: TaskModule, head: nn.Linear) -> Tensor:
             total = head.weight.new_zeros(())
@@ -145,12 +178,23 @@ class _SecondOrder(MergedMethod):
             penalty=penalty,
             decoupled=decoupled,
             progress=ctx.progress,
-            device=ctx.device,
+            runtime=ctx.runtime,
         )
-        state.cpre = cpre
         return ctx.entry(t, result, task.classes, method_cfg=cfg.__dict__, decoupled=decoupled)
 
+    def train(self, ctx: TaskContext, t: int) -> PoolEntry:
+        state: SecondOrderState = ctx.state
+        if self.parallel_ready(ctx):
+            return self._train_in_parallel(ctx, t)
+        prep = self._prepare(ctx, state, t)
+        state.pending = prep.fisher
+        entry = self._fit(ctx, t, prep, state.fisher)
+        state.cpre = prep.cpre
+        return entry
+
     def finish(self, ctx: TaskContext, entry: PoolEntry) -> None:
+        if entry.task in ctx.ahead:  # trained in parallel: the state a sequential run has after it
+            ctx.state = ctx.ahead.pop(entry.task)[1]
         state: SecondOrderState = ctx.state
         if state.pending is not None:
             state.fisher = state.pending if state.fisher is None else state.fisher + state.pending
@@ -160,6 +204,54 @@ class _SecondOrder(MergedMethod):
 
     def restore(self, ctx: TaskContext, entries: Mapping[int, PoolEntry]) -> None:
         ctx.state = load_second_order_state(ctx.state_dir, max(entries))
+
+    # --- independent modules across ranks (ITA only) ---------------------------------------------
+
+    def parallel_ready(self, ctx: TaskContext) -> bool:
+        """True when τ_t of different tasks can train on different ranks at once (ITA under torchrun).
+
+        ITA trains τ_t at θ0 + τ_t: its inputs (C_pre, the class statistics, the Fishers f_s at θ0
+        with C_pre[s]) never depend on any τ_s, so they are all computed first and every rank trains
+        its own tasks. IEL trains inside θ0 + (1/T) Σ τ_s and its cross term needs Σ_{s<t} τ_s: it
+        is sequential, and each of its modules trains data-parallel instead.
+        """
+        return not self.incremental and current_world().active
+
+    def _train_in_parallel(self, ctx: TaskContext, first: int) -> PoolEntry:
+        """Train every task from ``first`` on, task t on rank ``t mod world``, then share them.
+
+        Returns task ``first``'s entry; the others wait in ``ctx.ahead`` for the driver's next calls,
+        each with the state a sequential run has after it (:meth:`finish` restores it). On the CPU
+        the modules are bit-identical to a sequential run's (same seeds, same operations).
+        """
+        if first in ctx.ahead:
+            return ctx.ahead[first][0]
+        world = current_world()
+        tasks = [t for t in self.tasks(ctx.bench) if t >= first]
+        state: SecondOrderState = ctx.state
+        preps: dict[int, _Prepared] = {}
+        stats: dict[int, ClassGaussians] = {}
+        for t in tasks:  # C_pre in order (cheap, on every rank); f_t on its owner only
+            preps[t] = self._prepare(ctx, state, t, fisher=owner_of(t, world) == world.rank)
+            state.cpre = preps[t].cpre
+            stats[t] = ClassGaussians(dict(state.stats.means), dict(state.stats.variances))
+        if ctx.cfg.ablation == "none":
+            for t in tasks:
+                preps[t].fisher = share_fisher(ctx, preps[t].fisher, owner_of(t, world))
+        entries: dict[int, PoolEntry | None] = {}
+        previous = ctx.state.fisher  # Σ_{s<t} f_s
+        snapshots = {}
+        for t in tasks:
+            snapshots[t] = SecondOrderState(stats[t], preps[t].cpre, previous, preps[t].fisher)
+            if owner_of(t, world) == world.rank:
+                with rank_local():  # this rank trains τ_t alone
+                    entries[t] = self._fit(ctx, t, preps[t], previous)
+            if preps[t].fisher is not None:
+                previous = preps[t].fisher if previous is None else previous + preps[t].fisher
+        for t in tasks:  # every rank gets every module and head (tensors through the process group)
+            entry = share_entry(ctx, t, entries.get(t), preps[t].cpre, owner_of(t, world))
+            ctx.ahead[t] = (entry, snapshots[t])
+        return ctx.ahead[first][0]
 
 
 class ITA(_SecondOrder):

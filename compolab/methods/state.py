@@ -4,24 +4,29 @@
   classifier :math:`C_{pre}` and the running sum of the tasks' diagonal Fishers at θ0;
 * :class:`EWCState` (EWC): the sum of the previous tasks' mean Fishers and the trained heads.
 
-A state is saved after every task into the run's ``state/`` folder: ``state.safetensors`` (the
-tensors) then ``state.json`` (``after_task`` and the counts), each written atomically, so a
-``state.json`` never describes tensors that are not there. Nothing is pickled.
+A state is saved after every task t into the run's ``state/`` folder as its own generation:
+``after_<t>.safetensors`` (the tensors) then ``after_<t>.json`` (``after_task``, the counts and the
+tensors' sha256), each written atomically. A generation is never overwritten, so the state after
+the last *committed* task (:mod:`compolab.run`) survives a kill anywhere in the next task, and the
+JSON's hash pairs it with its own tensors. Loading a missing, half-saved or damaged generation is
+one :class:`~compolab.errors.CompolabError` naming the file. Nothing is pickled.
 """
 
 from __future__ import annotations
 
-import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from compolab.errors import CompolabError
 from compolab.fisher_store import DiagonalFisher
 from compolab.heads import ClassGaussians, IncrementalHead
-from compolab.io import write_json, write_safetensors
+from compolab.io import file_sha256, read_json, write_json, write_safetensors
 
 __all__ = [
     "SecondOrderState",
@@ -32,9 +37,28 @@ __all__ = [
     "save_ewc_state",
     "load_ewc_state",
     "saved_fisher",
+    "state_path",
+    "saved_generations",
 ]
 
-_TENSORS, _META = "state.safetensors", "state.json"
+_GENERATION = re.compile(r"^after_(\d{3,})\.(json|safetensors)$")
+
+
+def state_path(folder: str | Path, after_task: int) -> Path:
+    """The JSON file of the state saved after task ``after_task`` (its tensors: same stem, .safetensors)."""
+    return Path(folder) / f"after_{after_task:03d}.json"
+
+
+def saved_generations(folder: str | Path) -> dict[int, list[Path]]:
+    """``{after_task: [its files]}`` of the state generations present in ``folder``."""
+    out: dict[int, list[Path]] = {}
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in sorted(folder.iterdir()):
+            match = _GENERATION.match(p.name)
+            if match:
+                out.setdefault(int(match.group(1)), []).append(p)
+    return out
 
 
 @dataclass
@@ -74,17 +98,30 @@ MethodState = SecondOrderState | EWCState | None
 
 
 def _read(folder: Path, after_task: int) -> tuple[dict[str, Tensor], dict]:
-    meta = folder / _META
-    info = json.loads(meta.read_text()) if meta.exists() else {}
-    if info.get("after_task") != after_task:
+    meta = state_path(folder, after_task)
+    if not meta.exists():
         raise CompolabError(f"cannot resume: {folder} does not hold the state after task {after_task}")
-    return load_file(str(folder / _TENSORS)), info
+    info = read_json(meta, what="method state")
+    tensors_path = meta.with_suffix(".safetensors")
+    if info.get("after_task") != after_task or not tensors_path.exists() \
+            or file_sha256(tensors_path) != info.get("tensors_sha256"):  # fmt: skip
+        raise CompolabError(f"method state {tensors_path} is missing or does not match {meta.name} "
+                            "(damaged or half saved)")  # fmt: skip
+    try:
+        tensors = load_file(str(tensors_path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CompolabError(f"method state {tensors_path} is not a readable safetensors file: {e}") from None
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CompolabError(f"method state {tensors_path}: {bad[0]!r} holds NaN or infinite values")
+    return tensors, info
 
 
 def _write(folder: Path, tensors: dict[str, Tensor], info: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    write_safetensors(folder / _TENSORS, tensors)
-    write_json(folder / _META, info, indent=None)
+    meta = state_path(folder, info["after_task"])
+    tensors_path = write_safetensors(meta.with_suffix(".safetensors"), tensors)
+    write_json(meta, {**info, "tensors_sha256": file_sha256(tensors_path)}, indent=None)
 
 
 def _prefixed(tensors: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -112,9 +149,17 @@ def load_second_order_state(folder: str | Path, after_task: int) -> SecondOrderS
     """Read what :func:`save_second_order_state` wrote after task ``after_task``.
 
     Raises:
-        CompolabError: If the folder holds no state, or the state of another task.
+        CompolabError: If the folder holds no state, the state of another task, or a damaged one.
     """
     tensors, info = _read(Path(folder), after_task)
+    try:
+        return _second_order_from(tensors, info)
+    except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
+        path = state_path(folder, after_task)
+        raise CompolabError(f"method state {path} is malformed ({type(e).__name__}: {e})") from None
+
+
+def _second_order_from(tensors: dict[str, Tensor], info: dict) -> SecondOrderState:
     stats = ClassGaussians()
     for key, v in tensors.items():
         kind, *rest = key.split("::")
@@ -151,12 +196,23 @@ def load_ewc_state(folder: str | Path, after_task: int, heads: list[nn.Linear]) 
     return EWCState(fisher=_prefixed(tensors, "ewc") or None, heads=list(heads))
 
 
-def saved_fisher(folder: str | Path) -> DiagonalFisher | None:
+def saved_fisher(folder: str | Path, after_task: int | None = None) -> DiagonalFisher | None:
     """The running sum of the tasks' diagonal Fishers that an ITA / IEL run keeps in its ``state/``
-    folder (``folder``), or None when the run kept none (e.g. ``ablation="no-reg"``)."""
+    folder (``folder``), after task ``after_task`` (default: the latest saved), or None when the
+    run kept none (e.g. ``ablation="no-reg"``).
+
+    Raises:
+        CompolabError: If the state is damaged or half saved.
+    """
     folder = Path(folder)
-    if not (folder / _TENSORS).exists() or not (folder / _META).exists():
-        return None
-    count = json.loads((folder / _META).read_text()).get("fisher_count", 0)
-    values = _prefixed(load_file(str(folder / _TENSORS)), "fisher")
+    saved = [t for t, files in saved_generations(folder).items() if state_path(folder, t) in files]
+    if after_task is None:
+        if not saved:
+            return None
+        after_task = max(saved)
+    tensors, info = _read(folder, after_task)
+    count = info.get("fisher_count", 0)
+    values = _prefixed(tensors, "fisher")
+    if not isinstance(count, int) or count < 0:
+        raise CompolabError(f"method state {state_path(folder, after_task)}: bad fisher_count {count!r}")
     return DiagonalFisher(values, count) if values and count else None

@@ -32,7 +32,7 @@ class TMC(MergedMethod):
         seed = ctx.finetune.seed  # one base head per run, shared by every task
         head = base_head(feature_width(ctx.backbone), ctx.bench.num_classes, seed=seed).to(ctx.device)
         result = train_component(ctx.backbone, ctx.theta0, task, head, ctx.seeded(t), tmc,
-                                 names=ctx.names, progress=ctx.progress, device=ctx.device)  # fmt: skip
+                                 names=ctx.names, progress=ctx.progress, runtime=ctx.runtime)  # fmt: skip
         info = {"kappa": tmc.kappa, "wd": tmc.wd, "milestones": list(tmc.milestones), "gamma": tmc.gamma,
                 "base_head_seed": seed, "num_classes": ctx.bench.num_classes}  # fmt: skip
         return ctx.entry(t, result, task.classes, tmc=info)

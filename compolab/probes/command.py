@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from compolab.distributed import current_world
 from compolab.errors import ConfigError
 from compolab.pool import Pool
 from compolab.probes.jensen import jensen_gap
@@ -80,6 +81,7 @@ def probe_pool(
     curvature: str = "fisher",
     random: int = 0,
     progress: bool = True,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Probe a pool, write the record to ``out`` (JSON) and the figure to ``plot``; returns a summary.
 
@@ -99,6 +101,8 @@ def probe_pool(
         curvature: The curvature of ``interpolate``'s prediction, one of :data:`CURVATURES`.
         random: Filter-normalised random directions of ``plane`` (0, 1 or 2) in place of modules.
         progress: Show progress bars.
+        device: Where the probes run. Under ``torchrun`` every rank evaluates its share of the
+            points (:func:`~compolab.probes.engine.evaluate_points`) and rank 0 alone writes.
 
     Raises:
         ConfigError: Any bad input, before any probe runs and before anything is written.
@@ -121,7 +125,7 @@ def probe_pool(
             raise ConfigError(f"a plane needs 2 directions: {len(chosen)} module(s) + --random {random}")
         steps = 21 if steps is None else steps
         default_lambdas(*span, steps)  # validates the grid
-    pp = open_pool_probe(opened, split=split, per_task=per_task, seed=seed)
+    pp = open_pool_probe(opened, split=split, per_task=per_task, seed=seed, device=device)
     if kind == "interpolate" and curvature == "diagonal" and pp.fisher is None:
         raise ConfigError(f"{pool}: no diagonal Fisher saved next to this pool (ITA / IEL runs keep one)")
     record: dict = {"probe": kind, "pool": str(pool), "split": split, "per_task": per_task}
@@ -158,6 +162,8 @@ def probe_pool(
         summary["measured"] = [round(v, 4) for v in result.measured]
         summary["omega"] = [round(v, 4) for v in result.omega]
         results = [result]
+    if not current_world().is_main:
+        return summary
     out_path.write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
     if plot_path is not None:
         _plot(kind, results, predictions, plot_path)

@@ -27,6 +27,7 @@ from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
 from compolab.curvature import math_attention
+from compolab.distributed import all_gather_rows, current_world, owner_of
 from compolab.errors import ConfigError
 
 __all__ = ["Criterion", "cross_entropy", "ProbeData", "evaluate_points"]
@@ -163,7 +164,8 @@ def evaluate_points(
     the math kernel, which vmap batches; the fused CPU kernel has no batching rule); with
     ``chunk=1`` every point is a plain forward with the fused kernel. The default (``None``) is
     1 on the CPU, where vmap gains nothing on batches of a few hundred images (``compolab bench
-    probe``), and 8 on a GPU.
+    probe``), and 8 on a GPU. Under ``torchrun`` the chunks are split round-robin over the ranks and
+    the rows all-gathered, so every rank returns the whole result.
 
     Args:
         backbone: The model at θ0 (eval mode; parameters not in the directions stay as they are).
@@ -217,7 +219,8 @@ def evaluate_points(
 
     was_training = backbone.training
     backbone.eval()
-    starts = range(0, len(coefs), chunk)
+    world = current_world()  # under torchrun every rank evaluates its share of the chunks
+    starts = [s for k, s in enumerate(range(0, len(coefs), chunk)) if owner_of(k, world) == world.rank]
     with math_attention(backbone) if chunk > 1 else contextlib.nullcontext():
         for s in tqdm(starts, desc=desc, disable=not progress, leave=False):
             c = coefs[s : s + chunk]
@@ -241,6 +244,9 @@ def evaluate_points(
                     100.0 * correct / n if not data.y[t].is_floating_point() else math.nan
                 )
     backbone.train(was_training)
+    if world.active:
+        owners = [owner_of(p // chunk, world) for p in range(len(coefs))]
+        loss, acc = all_gather_rows(loss, owners), all_gather_rows(acc, owners)
     return loss, acc
 
 

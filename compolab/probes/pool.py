@@ -43,7 +43,7 @@ class PoolProbe:
 
 
 def open_pool_probe(
-    pool, *, split: str = "train", per_task: int = 50, seed: int = 0, bench=None
+    pool, *, split: str = "train", per_task: int = 50, seed: int = 0, bench=None, device="cpu"
 ) -> PoolProbe:
     """Load a pool (folder or :class:`~compolab.pool.Pool`) for probing.
 
@@ -51,6 +51,7 @@ def open_pool_probe(
         pool: The pool.
         split, per_task, seed: The probe images (:meth:`ProbeData.from_benchmark`).
         bench: The benchmark, when the caller has it already (default: rebuilt from the manifest).
+        device: Where θ0, the modules, the head and the Fisher go (the images move per batch).
 
     Raises:
         ConfigError: An empty pool, or a pool of a linearised method (TMC: its components are
@@ -70,7 +71,7 @@ def open_pool_probe(
                           "not weights of θ0's model; the basin probes do not apply")  # fmt: skip
     backbone, theta0, loaded = open_pool_world(pool, load_data=bench is None)
     bench = bench if bench is not None else loaded
-    entries = pool.load_all(theta0_sha256=pool.manifest["theta0_sha256"])
+    entries = pool.load_all(theta0_sha256=pool.manifest["theta0_sha256"], theta0=theta0)
     ids = sorted(entries)
     head = IncrementalHead(
         [entries[t].head for t in ids], tasks=ids, classes=[entries[t].classes for t in ids]
@@ -81,4 +82,7 @@ def open_pool_probe(
     data = ProbeData.from_benchmark(bench, head.global_labels.tolist(), ids, split=split, per_task=per_task,
                                     seed=seed)  # fmt: skip
     fisher = saved_fisher(Path(pool.root).parent / "state")
-    return PoolProbe(backbone, {n: theta0[n] for n in names}, taus, head, data, fisher)
+    fisher = fisher.to(device) if fisher is not None else None
+    taus = {t: tau.to(device) for t, tau in taus.items()}
+    theta0 = {n: theta0[n].to(device) for n in names}
+    return PoolProbe(backbone.to(device), theta0, taus, head.to(device), data, fisher)
