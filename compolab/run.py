@@ -167,9 +167,9 @@ def _run_tasks(
     wall_before, t_start = results.get("wall_seconds", 0.0), time.time()
     done = len(results["accuracy_matrix"])
     log = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the whole run
-    if folder.discarded:
-        log.write(f"{time.strftime('%H:%M:%S')} resume after {done} committed task(s): discarded the "
-                  f"uncommitted {', '.join(folder.discarded)}\n")  # fmt: skip
+    if folder.resumed:
+        dropped = f": discarded the uncommitted {', '.join(folder.discarded)}" if folder.discarded else ""
+        log.write(f"{time.strftime('%H:%M:%S')} resume after {done} committed task(s){dropped}\n")
     method = get_method(cfg.method)
     state_dir = out / "state"
     ctx = TaskContext(method, cfg.finetune, cfg.method_cfg, bench, theta0_model, theta0, names,

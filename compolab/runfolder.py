@@ -112,6 +112,7 @@ class RunFolder:
         root: The folder.
         results: The committed results (None before the first commit of a new run).
         discarded: Files of an uncommitted task that :meth:`open` deleted (``--resume``).
+        resumed: The folder was opened with ``resume`` (and recovered).
     """
 
     def __init__(self, root: Path, lock: FolderLock) -> None:
@@ -119,6 +120,7 @@ class RunFolder:
         self._lock = lock
         self.results: dict | None = None
         self.discarded: list[str] = []
+        self.resumed = False
 
     @classmethod
     def open(cls, out: str | Path, config: dict, resume: bool) -> RunFolder:
@@ -143,6 +145,7 @@ class RunFolder:
                 clean_temporaries(root / sub)
             if resume:
                 folder._recover()
+                folder.resumed = True
             else:
                 write_json(root / "config.json", config)
         except BaseException:
