@@ -3,6 +3,8 @@ float64 computation, plane coordinates, and the widgets' state → bars / readou
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 from torch import nn
@@ -11,6 +13,7 @@ from compolab.compose import merge
 from compolab.errors import ConfigError
 from compolab.explore import Edit, Explorer, ExplorerWidget, LambdaWidget, Quadratic
 from compolab.explore.bench import bench_explore, random_parts
+from compolab.explore.canvas import Throttled
 from compolab.explore.stem import split_stem
 from compolab.fisher_store import DiagonalFisher
 from compolab.heads import IncrementalHead
@@ -237,3 +240,24 @@ def test_bench_explore_reports_latencies():
     assert out["images"] == 8 and out["modules"] == 2 and out["repeats"] == 3
     for key in ("weight_change", "head_only", "quadratic"):
         assert 0 < out[key]["median_ms"] <= out[key]["p90_ms"] < float("inf")
+
+
+def test_throttled_updates_coalesce_in_an_event_loop_and_flush():
+    calls = []
+    throttle = Throttled(lambda: calls.append(len(calls)), delay=0.01)
+    throttle()
+    assert calls == [0], "no running loop: at once"
+
+    async def changes():
+        for _ in range(5):
+            throttle()
+        assert calls == [0], "in a loop: deferred"
+        await asyncio.sleep(0.05)
+        assert calls == [0, 1], "five changes, one update"
+        throttle()
+        throttle.flush()
+        assert calls == [0, 1, 2]
+        await asyncio.sleep(0.05)
+        assert calls == [0, 1, 2], "a flushed update does not run twice"
+
+    asyncio.run(changes())

@@ -75,6 +75,12 @@ class Throttled:
         elif self._pending is None:
             self._pending = loop.call_later(self.delay, self._fire)
 
+    def flush(self) -> None:
+        """Run a pending update now (code that reads a widget's state after changing a control)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._fire()
+
     def _fire(self) -> None:
         self._pending = None
         self._refresh()

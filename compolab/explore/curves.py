@@ -55,7 +55,8 @@ class LambdaWidget:
         self.box.add_class("compolab-lambda")
         self.canvas = Canvas((9.5, 3.2), 2)
         self.ax_loss, self.ax_acc = self.canvas.axes
-        self.lam.observe(Throttled(self.refresh, debounce), "value")
+        self._throttle = Throttled(self.refresh, debounce)
+        self.lam.observe(self._throttle, "value")
         self.module.observe(self._new_module, "value")
         self._new_module()
 
@@ -84,28 +85,41 @@ class LambdaWidget:
         start = time.perf_counter()
         t, lam = self.module.value, float(self.lam.value)
         mods = self.explorer.modules
-        self.view = self.explorer.evaluate(
+        self._view = self.explorer.evaluate(
             Edit(tuple(lam if s == t else 0.0 for s in mods), ("keep",) * len(mods))
         )
-        self.predicted = self.parabola.predict([lam])[0]
+        self._predicted = self.parabola.predict([lam])[0]
         for line in self._lines:
             line.set_xdata([lam, lam])
-        self._point.set_data([lam], [self.view.loss])
+        self._point.set_data([lam], [self._view.loss])
         self.image.value = self.canvas.png([*self._lines, self._point])
-        own = self.view.accuracy.get(t, float("nan"))
-        others = [a for s, a in self.view.accuracy.items() if s != t]
+        own = self._view.accuracy.get(t, float("nan"))
+        others = [a for s, a in self._view.accuracy.items() if s != t]
         self.readout.value = (
-            f"<span class='lambda'>λ = {lam:.2f}</span>: measured loss <b>{self.view.loss:.4f}</b>"
-            f" · second order <b>{self.predicted:.4f}</b> · own task {own:.1f}% · other tasks "
+            f"<span class='lambda'>λ = {lam:.2f}</span>: measured loss <b>{self._view.loss:.4f}</b>"
+            f" · second order <b>{self._predicted:.4f}</b> · own task {own:.1f}% · other tasks "
             f"{sum(others) / max(len(others), 1):.1f}% · update "
             f"{1e3 * (time.perf_counter() - start):.0f} ms"
         )
-        return self.view
+        return self._view
+
+    @property
+    def view(self) -> View:
+        """The view of θ0 + λτ_t, after any pending update."""
+        self._throttle.flush()
+        return self._view
+
+    @property
+    def predicted(self) -> float:
+        """The parabola's value at λ, after any pending update."""
+        self._throttle.flush()
+        return self._predicted
 
     def snapshot(self):
         """The figure on display as a static PNG (``IPython.display.Image``)."""
         from IPython.display import Image
 
+        self._throttle.flush()
         return Image(self.image.value)
 
     def _ipython_display_(self) -> None:

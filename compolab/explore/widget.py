@@ -90,9 +90,9 @@ class ExplorerWidget:
         self.canvas = Canvas((11.5, 3.4), 3)
         self.ax_bar, self.ax_plane, self.ax_loss = self.canvas.axes
         self.timings: dict[str, float] = {}
-        throttle = Throttled(self.refresh, debounce)
+        self._throttle = Throttled(self.refresh, debounce)
         for w in (*self.sliders, *self.modes, self.heads):
-            w.observe(throttle, "value")
+            w.observe(self._throttle, "value")
         for w in (self.u, self.v):
             w.observe(self._new_pair, "value")
         self.reset.on_click(self._reset)
@@ -110,22 +110,29 @@ class ExplorerWidget:
     def refresh(self) -> View:
         """Evaluate the current edit and redraw; returns the new view."""
         start = time.perf_counter()
-        self.view = self.explorer.evaluate(self.edit(), self.pair)
+        self._view = self.explorer.evaluate(self.edit(), self.pair)
         mid = time.perf_counter()
-        self.image.value = self.canvas.png(self._draw_dynamic(self.view))
+        self.image.value = self.canvas.png(self._draw_dynamic(self._view))
         end = time.perf_counter()
         self.timings = {
             "evaluate_ms": 1e3 * (mid - start),
             "draw_ms": 1e3 * (end - mid),
             "update_ms": 1e3 * (end - start),
         }
-        self.readout.value = self._readout(self.view)
-        return self.view
+        self.readout.value = self._readout(self._view)
+        return self._view
+
+    @property
+    def view(self) -> View:
+        """The view on display, after any pending update."""
+        self._throttle.flush()
+        return self._view
 
     def snapshot(self):
         """The figure on display as an ``IPython.display.Image``: a static PNG that GitHub shows."""
         from IPython.display import Image
 
+        self._throttle.flush()
         return Image(self.image.value)
 
     def _ipython_display_(self) -> None:
