@@ -74,14 +74,20 @@ class ExplorerWidget:
             for t in mods
         ]
         self.modes = [
-            W.ToggleButtons(options=list(MODES), value="keep", style={"button_width": "62px"}) for _ in mods
+            W.ToggleButtons(options=list(MODES), value="keep", style={"button_width": "72px"}) for _ in mods
         ]
         self.heads = W.Checkbox(value=False, description="only the kept modules' classes", indent=False)
         options = [(f"τ{t}", t) for t in mods]
         self.u = W.Dropdown(
             options=options, value=self.pair[0], description="plane u", layout={"width": "150px"}
         )
-        self.v = W.Dropdown(options=options, value=self.pair[1], description="v", layout={"width": "120px"})
+        self.v = W.Dropdown(
+            options=options,
+            value=self.pair[1],
+            description="v",
+            layout={"width": "110px"},
+            style={"description_width": "20px"},
+        )
         self.reset = W.Button(description="reset", layout={"width": "80px"})
         self.image, self.readout = W.Image(format="png"), W.HTML()
         rows = [W.HBox([s, m]) for s, m in zip(self.sliders, self.modes, strict=True)]
