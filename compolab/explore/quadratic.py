@@ -56,6 +56,14 @@ class Quadratic:
     gram: Tensor
     kind: str = "fisher"
 
+    def __post_init__(self) -> None:
+        K, T = len(self.tasks), len(self.modules)
+        for name, shape in (("loss0", (K,)), ("slope", (K, T)), ("gram", (K, T, T))):
+            value = torch.as_tensor(getattr(self, name), dtype=torch.float64)
+            if tuple(value.shape) != shape:
+                raise ConfigError(f"Quadratic.{name} must have shape {shape}, got {tuple(value.shape)}")
+            object.__setattr__(self, name, value)
+
     def predict_tasks(self, coefs: Tensor | Sequence[float]) -> Tensor:
         """``(K,)`` predicted loss of each task at weights ``coefs`` (or ``(P, K)`` for ``(P, T)``).
 
