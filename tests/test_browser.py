@@ -71,6 +71,8 @@ def _copy_without_outputs(src: Path, dst: Path) -> None:
 @pytest.fixture
 def jupyterlab(tmp_path):
     """A JupyterLab server on a free port whose root is ``tmp_path/root``; yields its base URL."""
+    if reason := _missing():
+        pytest.skip(reason)
     root = tmp_path / "root"
     root.mkdir()
     _copy_without_outputs(NOTEBOOK, root / NOTEBOOK.name)
@@ -154,8 +156,6 @@ def _readout(driver) -> tuple[list[str], str]:
 
 
 def test_notebook_07_in_jupyterlab_moves_the_bars(jupyterlab, tmp_path):
-    if reason := _missing():
-        pytest.skip(reason)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.keys import Keys
