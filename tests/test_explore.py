@@ -261,3 +261,58 @@ def test_throttled_updates_coalesce_in_an_event_loop_and_flush():
         assert calls == [0, 1, 2], "a flushed update does not run twice"
 
     asyncio.run(changes())
+
+
+# --------------------------------------------------------------------------- a trained pool
+
+
+@pytest.fixture(scope="module")
+def small_pool(tmp_path_factory):
+    """A 3-task ITA pool trained briefly on a small tiny-world benchmark, and that benchmark."""
+    from compolab.data import TinyWorldConfig, tiny_benchmark
+    from compolab.models import load_backbone
+    from compolab.run import run, run_config
+
+    out = tmp_path_factory.mktemp("explore-run")
+    world = TinyWorldConfig(
+        num_tasks=3, classes_per_task=2, train_per_class=8, val_per_class=1, test_per_class=4
+    )
+    bench = tiny_benchmark(world)
+    cfg = run_config("ita", "lora", epochs=1, batch_size=16, rank=2, fisher_samples=8)
+    run(cfg, out, benchmark=bench, backbone=load_backbone()[0], progress=False)
+    return out / "pool", bench
+
+
+@pytest.mark.parametrize(
+    "plan_args,edit",
+    [
+        ({}, Edit((1 / 3, 1 / 3, 1 / 3), ("keep",) * 3, "composed")),
+        ({"drop": [1]}, Edit((0.5, 0.0, 0.5), ("keep", "drop", "keep"), "composed")),
+        (
+            {"tasks": [0, 1], "negate": [2], "negate_coef": 0.3},
+            Edit((0.5, 0.5, 0.3), ("keep", "keep", "negate"), "composed"),
+        ),
+    ],
+)
+def test_from_pool_agrees_with_the_kits_editing(small_pool, plan_args, edit):
+    from compolab.editing import compose_pool, plan_composition
+    from compolab.evaluate import evaluate_tasks
+    from compolab.pool import Pool
+    from compolab.run import open_pool_world
+
+    path, bench = small_pool
+    explorer = Explorer.from_pool(path, per_task=1000)  # every test image of each task
+    pool = Pool.open(path)
+    backbone, theta0, _ = open_pool_world(pool, load_data=False)
+    entries = pool.load_all(theta0_sha256=pool.manifest["theta0_sha256"], theta0=theta0)
+    plan = plan_composition(pool.tasks(), **plan_args)
+    model, head = compose_pool(backbone, theta0, entries, plan)
+    expected = evaluate_tasks(model, head, bench, pool.tasks(), split="test")
+    assert explorer.evaluate(edit).accuracy == expected
+
+
+def test_from_pool_with_the_saved_diagonal_fisher(small_pool):
+    explorer = Explorer.from_pool(small_pool[0], per_task=4, curvature="diagonal")
+    assert explorer.quadratic.kind == "diagonal"
+    at0 = explorer.evaluate(Edit((0.0, 0.0, 0.0), ("keep",) * 3))
+    assert at0.predicted == pytest.approx(at0.loss, rel=1e-5)
