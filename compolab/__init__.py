@@ -18,6 +18,7 @@ from compolab.data import ArrayDataset, Benchmark, Task, TinyWorldConfig, make_l
 from compolab.editing import CompositionPlan, compose_pool, plan_composition
 from compolab.errors import CompolabError, ConfigError, DataNotFoundError, TrainingDiverged
 from compolab.evaluate import evaluate_tasks, final_average
+from compolab.explore import Explorer, ExplorerWidget, LambdaWidget
 from compolab.finetune import FinetuneConfig, finetune_task
 from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
@@ -78,6 +79,8 @@ __all__ = [
     # probes
     "ProbeData", "evaluate_points", "interpolate", "composed_path", "segment", "plane", "second_order",
     "jensen_gap", "default_lambdas", "open_pool_probe",
+    # interactive exploration
+    "Explorer", "ExplorerWidget", "LambdaWidget",
     # plotting
     "use_style", "savefig", "image_grid",
     # errors

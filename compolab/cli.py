@@ -307,6 +307,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         _emit(bench.bench_step(preset=args.preset, runtime=runtime, batch_size=args.batch_size,
                                repeats=args.repeats), args.json)  # fmt: skip
         return
+    if args.what == "explore":
+        from compolab.explore.bench import bench_explore
+
+        _emit(bench_explore(), args.json)
+        return
     fn = {"compose": bench.bench_compose, "fisher": bench.bench_fisher, "tmc": bench.bench_tmc,
           "probe": bench.bench_probe}[args.what]  # fmt: skip
     _emit(fn(), args.json)
@@ -440,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")
-    p.add_argument("what", choices=["compose", "fisher", "tmc", "probe", "step"])
+    p.add_argument("what", choices=["compose", "fisher", "tmc", "probe", "step", "explore"])
     p.add_argument("--preset", default="tiny", help="step: the backbone of tiny (default) or paper")
     p.add_argument("--batch-size", type=_positive(int), default=None, help="step: images per step")
     p.add_argument("--repeats", type=_positive(int), default=5, help="step: timed rounds (median)")

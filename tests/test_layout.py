@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"config"},
     {"run", "runfolder"},
     {"probes.*"},
+    {"explore.*"},
     {"bench", "cli"},
     {""},  # compolab/__init__.py: the public API
 ]
