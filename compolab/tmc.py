@@ -265,7 +265,7 @@ def compose_tmc_pool(
     r"""The linearised composition of a TMC pool, with a head over the composed tasks' classes.
 
     The counterpart of :func:`compolab.editing.compose_pool` for TMC: the model is
-    :func:`~compolab.linearize.compose_linearized` at :math:`\sum_t w_t \tau_t - \lambda\sum_k
+    :func:`~compolab.linearize.compose_linearized` at :math:`\sum_t w_t \tau_t - \gamma\sum_k
     \tau_k` (one linearised forward), and the predictions run over the classes of ``plan.tasks``
     only (class-incremental, as every method of the kit).
 
@@ -288,7 +288,7 @@ def compose_tmc_pool(
 
 
 class OutputEnsemble(nn.Module):
-    r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i \lambda_i h_i(f(x;\theta_0+\tau_i))`.
+    r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i w_i h_i(f(x;\theta_0+\tau_i))`.
 
     TMC's baseline (Liu & Soatto, Fig. 1b): each member is θ0 + τ_i merged into its own copy of the
     backbone, so inference costs T forwards.
