@@ -277,8 +277,10 @@ def compose_tmc_pool(
     missing = [t for t in used if t not in entries]
     if missing:
         raise ConfigError(f"task(s) {missing} are planned but not loaded")
-    components = {t: component_of(entries[t], theta0) for t in used}
-    coefs = list(plan.coefs) + [-c for c in plan.negated_coefs]
+    components = {t: component_of(entries[t], theta0) for t in sorted(used)}
+    weight = dict(zip(plan.tasks, plan.coefs, strict=True))
+    weight |= {t: -c for t, c in zip(plan.negated, plan.negated_coefs, strict=True)}
+    coefs = [weight[t] for t in components]  # compose_linearized takes them in id order
     like = next(iter(theta0.values()))
     base = _base_head_of({t: entries[t] for t in used}, like)
     model = compose_linearized(backbone, components, coefs, theta0=theta0, head=base)
