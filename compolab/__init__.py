@@ -13,8 +13,9 @@ Submodules stay importable for the rest (``compolab.curvature``, ``compolab.tmc`
 
 from compolab.compose import ComposedForward, merge
 from compolab.config import PRESETS, Preset, get_preset, load_benchmark_for, load_theta0
-from compolab.curvature import hvp
+from compolab.curvature import hessian_diagonal_exact, hvp, make_loss_fn
 from compolab.data import ArrayDataset, Benchmark, Task, TinyWorldConfig, make_loader, tiny_benchmark
+from compolab.datasets import DATASETS
 from compolab.editing import CompositionPlan, compose_pool, plan_composition
 from compolab.errors import CompolabError, ConfigError, DataNotFoundError, TrainingDiverged
 from compolab.evaluate import evaluate_tasks, final_average
@@ -38,11 +39,13 @@ from compolab.models import (
 )
 from compolab.plotting import image_grid, savefig, use_style
 from compolab.pool import Pool, PoolEntry
+from compolab.pretrain import probe_datasets
 from compolab.probes import (
     ProbeData,
     composed_path,
     default_lambdas,
     evaluate_points,
+    filter_normalized_direction,
     interpolate,
     jensen_gap,
     open_pool_probe,
@@ -52,6 +55,15 @@ from compolab.probes import (
 )
 from compolab.run import RunConfig, load_results, run, run_config
 from compolab.task_vector import TaskVector, compose
+from compolab.tmc import (
+    LogitColumns,
+    OutputEnsemble,
+    TMCConfig,
+    base_head,
+    component_of,
+    compose_tmc_pool,
+    scaled_square_loss,
+)
 from compolab.tuning import TaskModule
 from compolab.world import ALL_CLASSES, PATTERNS, SHAPES, generate, world_split
 
@@ -64,21 +76,24 @@ __all__ = [
     "SHAPES", "PATTERNS", "ALL_CLASSES", "generate", "world_split",
     "BackboneSpec", "TINY_VIT", "PAPER_VIT", "make_backbone", "load_backbone", "fingerprint",
     "tuned_weight_names", "theta0_of",
-    "extract_features", "fit_linear_probe", "probe_accuracy",
+    "extract_features", "fit_linear_probe", "probe_accuracy", "probe_datasets", "DATASETS",
     # modules, composition, the pool, editing
     "TaskVector", "compose", "TaskModule", "merge", "ComposedForward", "Pool", "PoolEntry",
     "CompositionPlan", "plan_composition", "compose_pool", "IncrementalHead", "new_head",
     "evaluate_tasks", "final_average",
     # Fisher, curvature, penalties (Eq. 11-12, 18-19)
-    "diagonal_fisher", "DiagonalFisher", "FisherAccumulator", "hvp", "math_attention",
+    "diagonal_fisher", "DiagonalFisher", "FisherAccumulator", "hvp", "make_loss_fn", "hessian_diagonal_exact",
+    "math_attention",
     "ita_penalty", "iel_penalty", "head_penalty",
     # training
     "FinetuneConfig", "finetune_task", "TrainingDiverged", "RunConfig", "run_config", "run", "load_results",
     # linearisation (TMC)
     "LinearizedModel", "TangentComponent", "linearized_forward", "compose_linearized",
+    "TMCConfig", "base_head", "scaled_square_loss", "component_of", "compose_tmc_pool", "LogitColumns",
+    "OutputEnsemble",
     # probes
     "ProbeData", "evaluate_points", "interpolate", "composed_path", "segment", "plane", "second_order",
-    "jensen_gap", "default_lambdas", "open_pool_probe",
+    "jensen_gap", "default_lambdas", "open_pool_probe", "filter_normalized_direction",
     # interactive exploration
     "Explorer", "ExplorerWidget", "LambdaWidget",
     # plotting

@@ -1,11 +1,11 @@
 """Composition, unlearning and specialization of a pool of modules.
 
-All three are one operation, θ0 + Σ_{t ∈ S} w_t τ_t − λ Σ_{k ∈ N} τ_k, with the heads of the
+All three are one operation, θ0 + Σ_{t ∈ S} w_t τ_t − γ Σ_{k ∈ N} τ_k, with the heads of the
 tasks in S only:
 
 * **composition** — S = every task, w_t = 1/T (the paper's evaluation);
 * **unlearning** — drop τ_k from S (its classes leave the output), or also *negate* it
-  (k ∈ N, weight −λ), as in task arithmetic;
+  (k ∈ N, weight −γ), as in task arithmetic;
 * **specialization** — S = a chosen subset, optionally re-weighted.
 
 :func:`plan_composition` checks every argument before anything is loaded or merged;
@@ -37,7 +37,7 @@ class CompositionPlan:
         tasks: Tasks whose modules (and heads) are composed, in task order.
         coefs: Their weights w_t.
         negated: Tasks whose modules are subtracted (their heads are dropped).
-        negated_coefs: Their weights λ (positive numbers; the module enters as −λ τ_k).
+        negated_coefs: Their strengths γ (positive numbers; the module enters as −γ τ_k).
         dropped: Available tasks left out entirely.
     """
 
@@ -77,14 +77,14 @@ def plan_composition(
         drop: Tasks to leave out (unlearning by removal).
         coefs: Weights of the composed tasks, one per task after ``drop``; default 1/T each.
         negate: Tasks to subtract (unlearning by negation); they must not also be composed.
-        negate_coef: λ of the negated tasks.
+        negate_coef: γ, the strength of the negated tasks (λ is kept for paths θ0 + λτ).
 
     Returns:
         The plan.
 
     Raises:
         ConfigError: Unknown or repeated ids, a task both composed and negated, weights of the
-            wrong length, a negative or non-finite λ, or nothing left to compose.
+            wrong length, a negative or non-finite γ, or nothing left to compose.
 
     Examples:
         >>> plan_composition([0, 1, 2], drop=[1]).coefs
@@ -130,7 +130,7 @@ def compose_pool(
         plan: From :func:`plan_composition`.
 
     Returns:
-        ``(model, head)``: θ0 + Σ w_t τ_t − λ Σ τ_k as one timm model, and the concatenated heads
+        ``(model, head)``: θ0 + Σ w_t τ_t − γ Σ τ_k as one timm model, and the concatenated heads
         of ``plan.tasks`` (a negated or dropped task's classes are not in the output).
     """
     used = plan.tasks + plan.negated

@@ -318,17 +318,17 @@ def compose_linearized(
     theta0: Mapping[str, Tensor] | None = None,
     head: nn.Module | None = None,
 ) -> LinearizedModel:
-    r"""TMC's composition: the linearised model at :math:`\tau = \sum_i \lambda_i \tau_i`.
+    r"""TMC's composition: the linearised model at :math:`\tau = \sum_i w_i \tau_i`.
 
-    Because the model is linear in τ, its output is exactly :math:`\sum_i \lambda_i f_{lin}(x;
-    \theta_0+\tau_i)` (when :math:`\sum_i\lambda_i = 1`): the output ensemble of the components at the
+    Because the model is linear in τ, its output is exactly :math:`\sum_i w_i f_{lin}(x;
+    \theta_0+\tau_i)` (when :math:`\sum_i w_i = 1`): the output ensemble of the components at the
     cost of **one** linearised forward whatever their number. Unlearning component k is composing
     without it (``drop=[k]``): nothing of it remains.
 
     Args:
         backbone: The model at θ0.
         components: The components (by id, or a list: ids 0..n-1).
-        coefs: Weights :math:`\lambda_i` of the kept components, in id order; default uniform.
+        coefs: Weights :math:`w_i` of the kept components, in id order; default uniform.
         drop: Ids to leave out (unlearning).
         theta0: :math:`\theta_0`; default: the backbone's parameters.
         head: The shared base head, if the components were trained with one.

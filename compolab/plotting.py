@@ -15,10 +15,30 @@ import numpy as np
 __all__ = ["use_style", "image_grid", "savefig"]
 
 
+def _in_kernel() -> bool:
+    """True inside a Jupyter (IPython) kernel, where figures should be embedded in the notebook."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
 def use_style() -> None:
-    """The kit's matplotlib / seaborn style (white grid, colour-blind palette, compact fonts)."""
+    """The kit's matplotlib / seaborn style (white grid, colour-blind palette, compact fonts).
+
+    Inside a Jupyter kernel it also selects the inline backend, whatever ``MPLBACKEND`` says, so
+    that a notebook executed headless (``jupyter nbconvert --execute``, nbval) keeps every figure
+    as an ``image/png`` output; scripts and the CLI keep their backend.
+    """
     import seaborn as sns
 
+    if _in_kernel():
+        import matplotlib
+
+        if "inline" not in matplotlib.get_backend():
+            matplotlib.use("module://matplotlib_inline.backend_inline")
     sns.set_theme(context="notebook", style="whitegrid", palette="colorblind", font_scale=0.9)
 
 

@@ -265,7 +265,7 @@ def compose_tmc_pool(
     r"""The linearised composition of a TMC pool, with a head over the composed tasks' classes.
 
     The counterpart of :func:`compolab.editing.compose_pool` for TMC: the model is
-    :func:`~compolab.linearize.compose_linearized` at :math:`\sum_t w_t \tau_t - \lambda\sum_k
+    :func:`~compolab.linearize.compose_linearized` at :math:`\sum_t w_t \tau_t - \gamma\sum_k
     \tau_k` (one linearised forward), and the predictions run over the classes of ``plan.tasks``
     only (class-incremental, as every method of the kit).
 
@@ -277,8 +277,10 @@ def compose_tmc_pool(
     missing = [t for t in used if t not in entries]
     if missing:
         raise ConfigError(f"task(s) {missing} are planned but not loaded")
-    components = {t: component_of(entries[t], theta0) for t in used}
-    coefs = list(plan.coefs) + [-c for c in plan.negated_coefs]
+    components = {t: component_of(entries[t], theta0) for t in sorted(used)}
+    weight = dict(zip(plan.tasks, plan.coefs, strict=True))
+    weight |= {t: -c for t, c in zip(plan.negated, plan.negated_coefs, strict=True)}
+    coefs = [weight[t] for t in components]  # compose_linearized takes them in id order
     like = next(iter(theta0.values()))
     base = _base_head_of({t: entries[t] for t in used}, like)
     model = compose_linearized(backbone, components, coefs, theta0=theta0, head=base)
@@ -288,7 +290,7 @@ def compose_tmc_pool(
 
 
 class OutputEnsemble(nn.Module):
-    r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i \lambda_i h_i(f(x;\theta_0+\tau_i))`.
+    r"""Output ensemble of non-linearly fine-tuned models: :math:`\sum_i w_i h_i(f(x;\theta_0+\tau_i))`.
 
     TMC's baseline (Liu & Soatto, Fig. 1b): each member is θ0 + τ_i merged into its own copy of the
     backbone, so inference costs T forwards.

@@ -115,6 +115,12 @@ def test_run_trains_tmc_and_evaluates_the_linearised_composition(tmp_path, bench
     with torch.no_grad():
         pair = [LinearizedModel(backbone, tau=c.tau, head=shared, head_delta=c.head)(x) for c in comps]
         assert_close(model(x), (pair[0] + pair[1]) / 2, rtol=1e-4, atol=1e-5)
+    # negating task 0 while composing 1 and 2: every component keeps its own weight, whatever the id order
+    plan = plan_composition([0, 1, 2], tasks=[1, 2], negate=[0], negate_coef=0.25)
+    model, _ = compose_tmc_pool(backbone, theta0, entries, plan)
+    comps = {t: component_of(entries[t], theta0) for t in range(3)}
+    expected = 0.5 * comps[1].tau + 0.5 * comps[2].tau - 0.25 * comps[0].tau
+    assert model.task_vector().allclose(expected, atol=1e-7)
 
 
 def test_output_ensemble_averages_the_nonlinear_models(backbone):

@@ -1,9 +1,10 @@
 r"""The EWC baseline: sequential fine-tuning with an EWC penalty anchored at the previous weights.
 
 Task t trains τ_t at θ_{t-1} + τ_t (θ_{t-1} = θ0 + Σ_{s<t} τ_s, frozen) with
-:math:`\frac{\lambda}{2}\sum_i F^{(i)} (\tau_t^{(i)})^2` (:func:`~compolab.methods.penalties.ita_penalty`
-with α = λ), F the sum of the previous tasks' mean Fishers, each taken at the weights learned on
-that task: the anchor moves with the tasks, where ITA's stays at θ0. Evaluation: θ0 + Σ τ_s.
+:math:`\frac{\alpha}{2}\sum_i F^{(i)} (\tau_t^{(i)})^2` (:func:`~compolab.methods.penalties.ita_penalty`;
+EWC's own paper calls the strength λ), F the sum of the previous tasks' mean Fishers, each taken at
+the weights learned on that task: the anchor moves with the tasks, where ITA's stays at θ0.
+Evaluation: θ0 + Σ τ_s.
 """
 
 from __future__ import annotations

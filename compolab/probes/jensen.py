@@ -63,27 +63,32 @@ class JensenGap:
     omega_diagonal: list[float] | None = None
 
     def plot(self, ax=None):
-        """Measured gap and the Ω estimates against K; returns ``ax``.
+        """Measured gap and the Ω estimates against K, on one logarithmic axis; returns ``ax``.
 
-        The diagonal-Fisher Ω, orders of magnitude smaller, gets its own axis on the right.
+        One axis for every curve, so their ratio reads directly off the plot: the diagonal-Fisher
+        Ω, orders of magnitude smaller, sits that far below. K = 1 (gap 0 by definition) and
+        non-positive measured gaps cannot be drawn on a log axis; they are named in a note.
         """
         import matplotlib.pyplot as plt
 
         ax = ax or plt.gca()
-        handles = ax.plot(
-            self.sizes, self.measured, "o-", color="C0", label="measured: mean individual − composed"
-        )
-        handles += ax.plot(self.sizes, self.omega, "s--", color="C1", label="Ω, Fisher at θ0")
+        series = [("measured: mean individual − composed", self.measured, "o-", "C0"),
+                  ("Ω, Fisher at θ0 (along the modules)", self.omega, "s--", "C1")]  # fmt: skip
         if self.omega_diagonal is not None:
-            right = ax.twinx()
-            handles += right.plot(self.sizes, self.omega_diagonal, "^:", color="C2",
-                                  label="Ω, diagonal Fisher (right axis)")  # fmt: skip
-            right.set_ylabel("Ω, diagonal Fisher", color="C2")
-            right.set_ylim(bottom=0)
-            right.grid(False)
-        ax.set_ylim(bottom=min(0.0, *self.measured))
-        ax.set(xlabel="modules composed K", ylabel="loss gap", xticks=self.sizes)
-        ax.legend(handles=handles, fontsize=8, loc="lower right")
+            series.append(("Ω, diagonal Fisher", self.omega_diagonal, "^:", "C2"))
+        skipped = []
+        for label, values, style, color in series:
+            pairs = list(zip(self.sizes, values, strict=True))
+            keep = [(k, v) for k, v in pairs if k > 1 and v > 0]
+            skipped += [f"{label.split(':')[0]} at K = {k}: {v:.3g}" for k, v in pairs if k > 1 and v <= 0]
+            if keep:
+                ax.plot([k for k, _ in keep], [v for _, v in keep], style, color=color, label=label)
+        ax.set_yscale("log")
+        ax.set(xlabel="modules composed K", ylabel="loss gap (log scale)",
+               xticks=[k for k in self.sizes if k > 1])  # fmt: skip
+        if skipped:
+            ax.text(0.02, 0.02, "not drawn (≤ 0): " + "; ".join(skipped), transform=ax.transAxes, fontsize=7)
+        ax.legend(fontsize=8)
         return ax
 
     def to_json(self) -> dict:

@@ -52,28 +52,58 @@ class Plane:
         ax=None,
         *,
         metric: str = "loss",
-        levels: int | Sequence[float] = 20,
+        levels: int | Sequence[float] | None = None,
         log: bool = True,
         colorbar: bool = True,
+        vmin: float | None = None,
+        vmax: float | None = None,
     ):
-        """Filled contours of ``metric`` (log10 of the loss by default) with the marks; returns ``ax``.
+        """The grid as measured, one cell per point, with the marks; returns ``ax``.
 
-        ``levels``: a number of levels, or explicit levels (in log10 units when ``log``) to share
-        one colour scale between planes.
+        Each grid point is drawn as a flat cell (no interpolation), so a coarse grid looks coarse
+        instead of showing made-up polygonal contours. With ``log`` the colour scale of the loss is
+        logarithmic and the colour bar is labelled in loss values. Contour lines are added only on
+        grids of at least 15 × 15 points.
+
+        Args:
+            ax: Axes to draw on (default: the current ones).
+            metric: ``"loss"`` or ``"accuracy"``.
+            levels: Contour lines: a number, or explicit values (log10 units when ``log``); explicit
+                values also fix the colour range, so several planes share one scale.
+            log: Logarithmic colour scale for the loss.
+            colorbar: Draw the colour bar.
+            vmin, vmax: The colour range (data units); default the range of ``levels`` or of the grid.
         """
         import matplotlib.pyplot as plt
         import numpy as np
+        from matplotlib.colors import LogNorm, Normalize
 
         if metric not in ("loss", "accuracy"):
             raise ConfigError(f"metric must be 'loss' or 'accuracy', got {metric!r}")
         ax = ax or plt.gca()
-        z = np.asarray(self.loss if metric == "loss" else self.accuracy)
-        label = metric
-        if metric == "loss" and log:
-            z, label = np.log10(z), "log10 loss"
-        cs = ax.contourf(self.a, self.b, z, levels=levels, cmap="viridis" if metric == "loss" else "magma")
+        z = np.asarray(self.loss if metric == "loss" else self.accuracy, dtype=float)
+        log = log and metric == "loss"
+        if levels is not None and not isinstance(levels, int):
+            bounds = 10.0 ** np.asarray(levels, float) if log else np.asarray(levels, float)
+            vmin = bounds.min() if vmin is None else vmin
+            vmax = bounds.max() if vmax is None else vmax
+        norm = (LogNorm if log else Normalize)(vmin=vmin if vmin is not None else z.min(),
+                                               vmax=vmax if vmax is not None else z.max())  # fmt: skip
+        cmap = "viridis" if metric == "loss" else "magma"
+        mesh = ax.pcolormesh(self.a, self.b, z, norm=norm, cmap=cmap, shading="nearest")
+        if min(z.shape) >= 15:
+            lines = levels if levels is not None else 10
+            if isinstance(lines, int):
+                lines = (np.geomspace if log else np.linspace)(norm.vmin, norm.vmax, lines + 2)[1:-1]
+            elif log:
+                lines = 10.0 ** np.asarray(lines, float)
+            ax.contour(self.a, self.b, z, levels=lines, norm=norm, colors="white", linewidths=0.5, alpha=0.6)
         if colorbar:
-            ax.figure.colorbar(cs, ax=ax, label=label)
+            bar = ax.figure.colorbar(mesh, ax=ax, label=f"{metric} (log scale)" if log else metric)
+            if log:  # ticks in loss values, not powers of ten
+                bar.set_ticks(np.geomspace(norm.vmin, norm.vmax, 5), labels=[
+                    f"{v:.3g}" for v in np.geomspace(norm.vmin, norm.vmax, 5)])  # fmt: skip
+                bar.ax.minorticks_off()
         for name, (pa, pb) in self.marks.items():
             ax.plot(pa, pb, "o", ms=6, mec="white", mfc="black" if name == "θ0" else "tab:red")
             ax.annotate(name, (pa, pb), textcoords="offset points", xytext=(5, 5), color="white", fontsize=8)
