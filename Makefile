@@ -21,9 +21,12 @@ install: $(STAMP)
 lint: install
 	$(BIN)/ruff check compolab tests
 
-## Unit tests and every notebook under nbval, in one pytest run (the CI command).
+## Unit tests and every notebook under nbval, in one pytest run (the CI command): one worker per
+## core (pytest-xdist, a file stays on one worker), one thread per worker.
+JOBS ?= $(shell nproc)
 test: install lint
-	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) --doctest-modules compolab tests notebooks
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 MPLBACKEND=Agg \
+	  $(BIN)/pytest -n $(JOBS) --dist loadfile --durations=15 $(NBOPTS) --doctest-modules compolab tests notebooks
 
 unit: install
 	TQDM_DISABLE=1 $(BIN)/pytest tests
