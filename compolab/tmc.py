@@ -277,7 +277,9 @@ def compose_tmc_pool(
     missing = [t for t in used if t not in entries]
     if missing:
         raise ConfigError(f"task(s) {missing} are planned but not loaded")
-    components = {t: component_of(entries[t], theta0) for t in used}
+    # a list in the order of ``used``, as ``coefs``: ids given as a mapping would be sorted, and a
+    # negated task listed after the composed ones would take another task's weight
+    components = [component_of(entries[t], theta0) for t in used]
     coefs = list(plan.coefs) + [-c for c in plan.negated_coefs]
     like = next(iter(theta0.values()))
     base = _base_head_of({t: entries[t] for t in used}, like)
