@@ -28,8 +28,8 @@ LAYERS: list[set[str]] = [
     {"methods.*"},
     {"config"},
     {"run", "runfolder"},
-    {"probes.*"},
-    {"bench", "cli"},
+    {"probes.*", "tables", "measure"},
+    {"bench", "cli", "reproduce"},
     {""},  # compolab/__init__.py: the public API
 ]
 

@@ -25,6 +25,8 @@ class TMC(MergedMethod):
     """Tangent Model Composition (Liu & Soatto, ICCV 2023) with the paper's knobs (:class:`TMCConfig`)."""
 
     name = "tmc"
+    label = "TMC"
+    editable = True
     linearised = True
 
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
