@@ -193,8 +193,9 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
     assert code == 0
     jobs = json.loads(capsys.readouterr().out)
     runs = [j for j in jobs if j["kind"] == "run"]
-    # ITA, IEL: 3 styles × (plain, no-reg, cls-only); TMC, naive, seq, joint: 3 styles; 2 seeds × ITA, IEL
-    assert len(runs) == 2 * 9 + 4 * 3 + 2 * 2
+    # ITA, IEL: 3 styles × (plain, no-reg, cls-only); TMC, naive: 3 styles; seq, joint: LoRA; seeds 1-2
+    assert len(runs) == 2 * 9 + 2 * 3 + 2 + 2 * 2
+    assert sum(j["name"].startswith(("seq-lora", "joint-lora")) for j in runs) == 2
     edits = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "edits")
     assert edits == sorted(
         [
@@ -285,3 +286,22 @@ def test_an_unfinished_run_is_not_read(tmp_path, bench, backbone):
     (tmp_path / "results.json").write_text(json.dumps(data))
     with pytest.raises(ValueError, match="not finished"):
         read_run(tmp_path)
+
+
+def test_table_methods_are_labelled_and_the_claim_rows_are_editable():
+    from compolab.methods import CLAIM_METHODS, TABLE_METHODS
+
+    assert all(get_method(m).label for m in TABLE_METHODS)
+    assert set(CLAIM_METHODS) <= set(TABLE_METHODS) and all(get_method(m).editable for m in CLAIM_METHODS)
+    assert not get_method("seq").editable and not get_method("joint").editable
+
+
+def test_tmc_gets_its_own_tiny_schedule_only_on_tiny():
+    from compolab.config import get_preset, preset_configs
+
+    tiny_tmc, _ = preset_configs(get_preset("tiny"), get_method("tmc"))
+    tiny_ita, _ = preset_configs(get_preset("tiny"), get_method("ita"))
+    paper_tmc, _ = preset_configs(get_preset("paper"), get_method("tmc"))
+    assert (tiny_tmc.epochs, tiny_tmc.lr) == (8, 3e-2)
+    assert (tiny_ita.epochs, tiny_ita.lr) == (4, 3e-3)
+    assert paper_tmc == preset_configs(get_preset("paper"), get_method("ita"))[0]
