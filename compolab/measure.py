@@ -47,7 +47,8 @@ def _open(run_dir: str | Path, backbone: nn.Module | None, bench: Benchmark | No
     method = get_method(pool.manifest["method"])
     if backbone is None or bench is None:
         own_backbone, _, own_bench = open_pool_world(pool)
-        backbone, bench = backbone or own_backbone, bench or own_bench
+        backbone = own_backbone if backbone is None else backbone
+        bench = own_bench if bench is None else bench
     backbone = backbone.to(device).eval().requires_grad_(False)
     theta0 = theta0_of(backbone)
     entries = pool.load_all(theta0_sha256=fingerprint(backbone), theta0=theta0)

@@ -377,7 +377,8 @@ def reproduce(
 
     Returns:
         ``{"jobs", "done", "cached", "failed": {name: error}, "blocked": [names], "tables": [paths],
-        "seconds": wall time, "cpu_seconds": {kind: CPU seconds of its jobs}}``.
+        "seconds": wall time, "cpu_seconds": {kind: CPU seconds of its jobs}}``, also written to
+        ``<cache>/summary.json``.
 
     Raises:
         CompolabError: After every job that could run has run, if some failed (one line each).
@@ -437,6 +438,8 @@ def reproduce(
                "failed": failed, "blocked": blocked, "tables": [str(p) for p in tables],
                "seconds": round(time.time() - t0, 1),
                "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()}}  # fmt: skip
+    Path(cfg.cache).mkdir(parents=True, exist_ok=True)
+    write_json(Path(cfg.cache) / "summary.json", summary)  # also when some job failed
     if failed:
         reasons = "; ".join(f"{k}: {v}" for k, v in failed.items())
         skipped = f", {len(blocked)} not run" if blocked else ""

@@ -256,6 +256,8 @@ def test_reproduce_resumes_a_half_made_cache(tmp_path, bench, backbone, monkeypa
     monkeypatch.setattr(method, "train", train)
     summary = reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
     assert summary["failed"] == {} and summary["done"] == 2
+    assert json.loads((tmp_path / "cache" / "summary.json").read_text()) == summary
+    assert set(summary["cpu_seconds"]) == {"run", "edits"} and summary["cpu_seconds"]["run"] > 0
     run_dir = plan(cfg)[0].args["out"]
     log = open(f"{run_dir}/log.txt").read()
     # tasks 0 and 1 were committed before the kill and are not trained again; task 2 is
