@@ -27,6 +27,7 @@ without running anything.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -197,8 +198,6 @@ def _run_cost(cfg: ReproduceConfig, rc: RunConfig) -> float | None:
 
 def _notebook_key(path: Path, out: str) -> str:
     """Hash of a notebook's code, of the kit's sources and of the figures folder."""
-    import json
-
     h = hashlib.sha256(str(Path(out).resolve()).encode())
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
     h.update("".join("".join(c["source"]) for c in cells if c["cell_type"] == "code").encode())
@@ -231,12 +230,14 @@ def plan(cfg: ReproduceConfig) -> list[Job]:
                             status="cached" if done else "new"))  # fmt: skip
     if cfg.notebooks is not None:
         record = _notebook_record(cfg)
+        fresh_tables = all(j.status == "cached" for j in jobs)  # else the tables change: their readers rerun
         for nb in sorted(Path(cfg.notebooks).glob("*.ipynb")):
             key, seen = _notebook_key(nb, cfg.out), record.get(nb.name, {})
             after = ("tables",) if "figures/tables" in nb.read_text(encoding="utf-8") else ()
+            cached = seen.get("key") == key and (fresh_tables or not after)
             jobs.append(Job("notebook", nb.name, seen.get("seconds", NOTEBOOK_SECONDS),
                             {"path": str(nb), "figures": str(Path(cfg.out).resolve()), "key": key},
-                            after=after, status="cached" if seen.get("key") == key else "new"))  # fmt: skip
+                            after=after, status="cached" if cached else "new"))  # fmt: skip
     return jobs
 
 

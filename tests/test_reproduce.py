@@ -307,3 +307,26 @@ def test_tmc_gets_its_own_tiny_schedule_only_on_tiny():
     assert (tiny_tmc.epochs, tiny_tmc.lr) == (8, 3e-2)
     assert (tiny_ita.epochs, tiny_ita.lr) == (4, 3e-3)
     assert paper_tmc == preset_configs(get_preset("paper"), get_method("ita"))[0]
+
+
+def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path):
+    import nbformat
+
+    from compolab.io import write_json
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name, src in (("a.ipynb", "print(1)"), ("b.ipynb", "open('../figures/tables/composition.md')")):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)]), nbs / name)
+    cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, notebooks=str(nbs),
+                          cache=str(tmp_path / "cache"), out=str(tmp_path / "figures"))  # fmt: skip
+    jobs = {j.name: j for j in plan(cfg)}
+    assert jobs["a.ipynb"].after == () and jobs["b.ipynb"].after == ("tables",)
+    record = {n: {"key": jobs[n].args["key"], "seconds": 1.0} for n in ("a.ipynb", "b.ipynb")}
+    (tmp_path / "cache").mkdir()
+    write_json(tmp_path / "cache" / "notebooks.json", record)
+    jobs = {j.name: j for j in plan(cfg)}
+    # same code and kit: a is skipped; b reads tables that the new run will change, so it runs again
+    assert jobs["a.ipynb"].status == "cached" and jobs["b.ipynb"].status == "new"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(2)")]), nbs / "a.ipynb")
+    assert {j.name: j for j in plan(cfg)}["a.ipynb"].status == "new"  # its code changed
