@@ -34,11 +34,10 @@ unit: install
 notebooks: install
 	TQDM_DISABLE=1 MPLBACKEND=Agg $(BIN)/pytest $(NBOPTS) notebooks
 
-## Regenerate the world, the probe table and every notebook's outputs and figures (tiny preset).
+## Every run (cached in runs/reproduce, resumable), every table (figures/tables/*.md, *.csv) and
+## every notebook's outputs and figures (figures/), tiny preset: `compolab reproduce`.
 reproduce: install
-	$(BIN)/compolab world --time 50000 --json --no-progress
-	$(BIN)/compolab world --probe --json --no-progress
-	TQDM_DISABLE=1 COMPOLAB_FIGURES_DIR=$(CURDIR)/figures $(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/*.ipynb
+	$(BIN)/compolab reproduce --out figures --cache runs/reproduce
 
 ## Rebuild the tiny ViT from scratch (≈ 10 min on 2 CPU cores) into runs/pretrain/, then probe it.
 pretrain: install

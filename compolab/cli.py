@@ -1,4 +1,5 @@
-"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``probe``, ``bench``.
+"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``probe``, ``bench``,
+``reproduce``.
 
 Every bad input ends with one line ``compolab: error: ...`` on stderr and exit status 2, before
 any work starts.
@@ -317,6 +318,37 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     _emit(fn(), args.json)
 
 
+# --------------------------------------------------------------------------- reproduce
+
+
+def _cmd_reproduce(args: argparse.Namespace) -> None:
+    from compolab.reproduce import ReproduceConfig, format_plan, plan, reproduce
+
+    notebooks = args.notebooks
+    if notebooks is None and args.preset in (None, "tiny") and Path("notebooks").is_dir():
+        notebooks = "notebooks"  # the course notebooks run on the tiny preset only
+    cfg = ReproduceConfig(
+        **{k: v for k, v in (("preset", args.preset), ("methods", _names(args.methods)),
+                             ("styles", _names(args.styles))) if v is not None},
+        seeds=args.seeds, out=args.out, cache=args.cache, workers=args.workers,
+        notebooks=None if args.no_notebooks else notebooks, num_tasks=args.num_tasks, epochs=args.epochs,
+        device=args.device,
+    )  # fmt: skip
+    if args.plan:
+        jobs = plan(cfg)
+        if args.json:
+            print(json.dumps([{"name": j.name, "kind": j.kind, "status": j.status, "cost": j.cost}
+                              for j in jobs]))  # fmt: skip
+        else:
+            print(format_plan(jobs, cfg.workers))
+        return
+    _emit(reproduce(cfg, progress=args.progress), args.json)
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    return None if text is None else tuple(x.strip() for x in text.split(",") if x.strip())
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -451,6 +483,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=_positive(int), default=5, help="step: timed rounds (median)")
     _runtime_flags(p)
     p.set_defaults(func=_cmd_bench)
+
+    p = sub.add_parser("reproduce", parents=[common],
+                       help="every run, table (figures/tables) and figure; cached and resumable")  # fmt: skip
+    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--seeds", type=_positive(int), default=3, help="seeds of the rows with asserted claims")
+    p.add_argument("--out", default="figures", help="figures folder; tables go to <out>/tables")
+    p.add_argument("--cache", default="runs/reproduce", help="run folders and cached measurements")
+    p.add_argument("--plan", action="store_true", help="list the jobs and their estimated cost; run nothing")
+    p.add_argument("--workers", type=_positive(int), default=2, help="processes, one thread each")
+    p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",
+                   help="tasks per run (default: 3 on tiny, all on paper)")  # fmt: skip
+    p.add_argument("--epochs", type=_positive(int), default=None,
+                   help="epochs per task (default: the preset's)")  # fmt: skip
+    p.add_argument("--methods", default=None, help="methods of the grid, e.g. ita,iel (default: the tables')")
+    p.add_argument("--styles", default=None, help="tuning styles of the grid, e.g. lora (default: all)")
+    p.add_argument("--notebooks", default=None, help="notebooks folder (default: ./notebooks on tiny)")
+    p.add_argument("--no-notebooks", action="store_true", help="make the tables only")
+    p.add_argument("--device", default="cpu", help="training device: cpu (default), cuda or auto")
+    p.set_defaults(func=_cmd_reproduce)
     return parser
 
 

@@ -4,8 +4,9 @@ A preset chooses sizes, sources and default hyper-parameters: which backbone (θ
 benchmark, where its files live, the per-task fine-tuning (:class:`~compolab.finetune.FinetuneConfig`)
 and the methods' knobs (:class:`~compolab.methods.MethodConfig`), with the datasets whose released
 configuration differs (:func:`preset_configs`). Every function of the kit takes the same arguments
-under both. Every preset value of the kit is in this file, except the head-penalty weight that a
-method itself changes (``Method.preset_overrides``: IEL's released command).
+under both. Every preset value of the kit is in this file, except what a method itself changes:
+the head-penalty weight of IEL's released command (``Method.preset_overrides``) and TMC's tiny
+schedule, chosen on the validation split (``Method.finetune_overrides``).
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def preset_configs(
     preset: Preset, method: Method, dataset: str | None = None
 ) -> tuple[FinetuneConfig, MethodConfig]:
     """The fine-tuning and method configs of a run: the preset's, then the dataset's changes, then
-    the method's own (``method.preset_overrides``).
+    the method's own (``method.finetune_overrides``, ``method.preset_overrides``).
 
     Examples:
         >>> from compolab.methods import DEFAULT_METHOD, get_method
@@ -117,6 +118,7 @@ def preset_configs(
     """
     ft, mc = preset.finetune, preset.method_cfg
     ft_over, mc_over = preset.dataset_overrides.get(dataset or preset.dataset, ({}, {}))
+    ft_over = {**ft_over, **method.finetune_overrides.get(preset.name, {})}
     mc_over = {**mc_over, **method.preset_overrides.get(preset.name, {})}
     return replace(ft, **ft_over), replace(mc, **mc_over)
 

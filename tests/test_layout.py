@@ -28,9 +28,9 @@ LAYERS: list[set[str]] = [
     {"methods.*"},
     {"config"},
     {"run", "runfolder"},
-    {"probes.*"},
+    {"probes.*", "tables", "measure"},
     {"explore.*"},
-    {"bench", "cli"},
+    {"bench", "cli", "reproduce"},
     {""},  # compolab/__init__.py: the public API
 ]
 

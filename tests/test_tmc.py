@@ -166,3 +166,32 @@ def test_a_resumed_tmc_run_gives_identical_results(tmp_path, bench, backbone, mo
     monkeypatch.setattr(method, "train", train)
     resumed = run(cfg, tmp_path / "run", resume=True, benchmark=bench, backbone=backbone, progress=False)
     assert resumed["accuracy_matrix"] == reference["accuracy_matrix"]
+
+
+def test_negating_a_component_gives_it_the_negated_weight(backbone):
+    """Regression: the composed tangent of ``tasks=[1, 2], negate=[0]`` is (τ1 + τ2)/2 − λτ0, not a
+    shuffle of the weights (the components were passed as a mapping, whose ids the composition sorts)."""
+    from compolab.pool import PoolEntry
+    from compolab.tuning import TaskModule
+
+    theta0, names = theta0_of(backbone), tuned_weight_names(backbone)
+    gen = torch.Generator().manual_seed(3)
+    entries = {}
+    for t in range(3):
+        module = TaskModule.create("full", theta0, names)
+        with torch.no_grad():
+            for p in module.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen))
+        head = torch.nn.Linear(SPEC.embed_dim, 9)
+        card = {"classes": list(range(3 * t, 3 * t + 3)), "hparams": {"tmc": {"base_head_seed": 0}}}
+        entries[t] = PoolEntry(t, module, head, card)
+    comps = {t: component_of(e, theta0) for t, e in entries.items()}
+    plan = plan_composition([0, 1, 2], tasks=[1, 2], negate=[0], negate_coef=0.25)
+    model, head = compose_tmc_pool(backbone, theta0, entries, plan)
+    tau = model.task_vector()
+    for n in names:
+        assert_close(tau[n], 0.5 * comps[1].tau[n] + 0.5 * comps[2].tau[n] - 0.25 * comps[0].tau[n])
+    for n in ("weight", "bias"):
+        expected = 0.5 * comps[1].head[n] + 0.5 * comps[2].head[n] - 0.25 * comps[0].head[n]
+        assert_close(model.head_delta[n], expected)
+    assert head.tasks == (1, 2)

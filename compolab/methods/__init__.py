@@ -28,6 +28,8 @@ from compolab.methods.tangent import TMC
 __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
+    "TABLE_METHODS",
+    "CLAIM_METHODS",
     "get_method",
     "Method",
     "MergedMethod",
@@ -49,6 +51,11 @@ METHODS: dict[str, Method] = {
 }
 #: The method of a :class:`~compolab.run.RunConfig` that names none.
 DEFAULT_METHOD = "ita"
+#: Rows of the kit's tables (``compolab.tables``, ``compolab reproduce``), in order: the paper's
+#: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
+TABLE_METHODS: tuple[str, ...] = ("ita", "iel", "tmc", "naive", "seq", "joint")
+#: The methods whose editing claims (unlearning, specialization) the tables assert over seeds.
+CLAIM_METHODS: tuple[str, ...] = ("ita", "iel")
 
 
 def get_method(name: str) -> Method:

@@ -112,11 +112,22 @@ class Method(Protocol):
             linearised model (TMC), not merged weights.
         preset_overrides: ``preset name -> {MethodConfig field: value}`` this method changes in
             that preset (the released IEL command pairs β with a milder head penalty).
+        finetune_overrides: ``preset name -> {FinetuneConfig field: value}`` this method changes
+            in that preset (TMC's schedule, chosen on the validation split).
+        label: Its name in tables and figures.
+        ablation_labels: ``ablation -> row label`` of the ablations it supports (the paper's
+            Tables 2 and 6); empty when ``--ablation`` changes nothing.
+        editable: True when its pool is one module per task composed with weights w_t, so that
+            unlearning and specialization apply (not sequential fine-tuning or joint training).
     """
 
     name: str
     linearised: bool
     preset_overrides: Mapping[str, Mapping[str, object]]
+    finetune_overrides: Mapping[str, Mapping[str, object]]
+    label: str
+    ablation_labels: Mapping[str, str]
+    editable: bool
 
     def tasks(self, bench: Benchmark) -> list[int]:
         """The tasks it trains, in order (one module each)."""
@@ -165,6 +176,10 @@ class MergedMethod:
     name: str = ""
     linearised: bool = False
     preset_overrides: Mapping[str, Mapping[str, object]] = {}
+    finetune_overrides: Mapping[str, Mapping[str, object]] = {}
+    label: str = ""
+    ablation_labels: Mapping[str, str] = {}
+    editable: bool = False
 
     def tasks(self, bench: Benchmark) -> list[int]:
         return list(range(bench.num_tasks))

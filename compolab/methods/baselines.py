@@ -23,6 +23,8 @@ class Naive(MergedMethod):
     """Independent fine-tuning of each task from θ0, then task arithmetic (w_t = 1/T)."""
 
     name = "naive"
+    label = "naive task arithmetic"
+    editable = True
 
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
         task = ctx.bench.tasks[t]
@@ -35,6 +37,7 @@ class Sequential(MergedMethod):
     """Sequential fine-tuning: task t starts from θ0 + Σ_{s<t} τ_s; evaluated at θ0 + Σ τ_s."""
 
     name = "seq"
+    label = "sequential fine-tuning"
 
     def eval_coefs(self, num_tasks: int) -> list[float]:
         return [1.0] * num_tasks
@@ -52,6 +55,7 @@ class Joint(MergedMethod):
     """One module and one head trained on every task's data at once (the upper bound)."""
 
     name = "joint"
+    label = "joint (upper bound)"
 
     def tasks(self, bench: Benchmark) -> list[int]:
         return [0]

@@ -30,6 +30,7 @@ class EWC(MergedMethod):
     """Elastic weight consolidation on top of sequential fine-tuning (a baseline)."""
 
     name = "ewc"
+    label = "EWC"
 
     def new_state(self) -> EWCState:
         return EWCState()

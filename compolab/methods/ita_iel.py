@@ -258,6 +258,9 @@ class ITA(_SecondOrder):
     """Incremental Task Arithmetic: each τ_t trained alone at θ0 + τ_t with the penalty of Eq. 11–12."""
 
     name = "ita"
+    label = "ITA"
+    editable = True
+    ablation_labels = {"no-reg": "ITA without Eq. 12 reg.", "cls-only": "ITA, Eq. 12 only on CLS"}
     incremental = False
 
 
@@ -265,6 +268,9 @@ class IEL(_SecondOrder):
     """Incremental Ensemble Learning: τ_t trained inside θ0 + (1/T) Σ τ_s with the penalty of Eq. 18–19."""
 
     name = "iel"
+    label = "IEL"
+    editable = True
+    ablation_labels = {"no-reg": "IEL without Eq. 19 reg.", "cls-only": "IEL, Eq. 19 reg. only on CLS"}
     incremental = True
     #: the released IEL command pairs β with a milder Fisher-weighted head penalty
     preset_overrides = {"tiny": {"req_weight_cls": 1.0}, "paper": {"req_weight_cls": 0.1}}

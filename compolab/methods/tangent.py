@@ -3,6 +3,18 @@
 Every task trains a tangent component (:func:`~compolab.tmc.train_component`) from θ0 and one
 random base head per run; the composition is the linearised model
 (:func:`~compolab.tmc.compose_tmc_pool`), never merged weights.
+
+**Tiny schedule** (``finetune_overrides``): chosen on the validation split, so that TMC is not
+judged at the other methods' budget. Grid on the first 3 tasks of the tiny world (LoRA, seed 0,
+validation FA of the linearised composition, %; `compolab.measure.composed_accuracy`):
+
+| epochs, lr → | 3e-3 | 1e-2 | 3e-2 |
+|---|---|---|---|
+| 4 | 61.0 (the kit's default) | 68.7 | 71.7 |
+| 8 | 64.7 | 72.7 | **77.3** |
+| 12 | – | 75.3 | – |
+
+8 epochs at lr 3e-2 (test FA 75.0 vs 62.1 at the default) is the tiny preset's TMC schedule.
 """
 
 from __future__ import annotations
@@ -25,7 +37,10 @@ class TMC(MergedMethod):
     """Tangent Model Composition (Liu & Soatto, ICCV 2023) with the paper's knobs (:class:`TMCConfig`)."""
 
     name = "tmc"
+    label = "TMC"
+    editable = True
     linearised = True
+    finetune_overrides = {"tiny": {"epochs": 8, "lr": 3e-2}}  # chosen on the validation split (above)
 
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
         task, tmc = ctx.bench.tasks[t], TMCConfig()

@@ -1,0 +1,332 @@
+"""The editing tables (values computed by hand on synthetic runs), their markdown / CSV, the
+measured edits of a real small pool, and ``compolab reproduce``: the plan, bad input, a resumed cache."""
+
+import csv
+import io
+import json
+
+import pytest
+
+from compolab.cli import main
+from compolab.editing import compose_pool, plan_composition
+from compolab.evaluate import evaluate_tasks
+from compolab.heads import IncrementalHead
+from compolab.measure import measure_edits, read_run
+from compolab.methods import get_method
+from compolab.models import fingerprint, theta0_of
+from compolab.pool import Pool
+from compolab.reproduce import ReproduceConfig, plan, reproduce
+from compolab.run import RunConfig, load_results, run
+from compolab.tables import RunRecord, Stat, composition_table, specialization_table, unlearning_table
+
+# --------------------------------------------------------------------------- tables, by hand
+
+
+def _edits(before, drop, negate, subsets):
+    return {
+        "tasks": [0, 1, 2],
+        "negate_coef": 1.0,
+        "before": before,
+        "drop": drop,
+        "negate": negate,
+        "subsets": subsets,
+    }
+
+
+def _acc(a, b, c):
+    return {"0": a, "1": b, "2": c}
+
+
+SEED0 = _edits(
+    _acc(80, 60, 40),
+    {"0": _acc(40, 60, 44), "1": _acc(80, 30, 40), "2": _acc(72, 66, 0)},
+    {"0": _acc(20, 60, 40), "1": _acc(80, 15, 40), "2": _acc(80, 60, 10)},
+    {
+        "1,2": {"subset": {"1": 70, "2": 50}, "full": {"1": 60, "2": 50}},
+        "0": {"subset": {"0": 90}, "full": {"0": 85}},
+    },
+)
+SEED1 = _edits(
+    _acc(80, 60, 40),
+    {"0": _acc(20, 60, 44), "1": _acc(80, 30, 40), "2": _acc(72, 66, 0)},
+    {"0": _acc(20, 60, 40), "1": _acc(80, 15, 40), "2": _acc(80, 60, 10)},
+    {
+        "1,2": {"subset": {"1": 60, "2": 50}, "full": {"1": 60, "2": 50}},
+        "0": {"subset": {"0": 80}, "full": {"0": 85}},
+    },
+)
+
+
+def test_stat_is_mean_and_sample_std():
+    s = Stat.of([70.0, 72.0, 74.0])
+    assert (s.mean, s.std, s.n) == (72.0, 2.0, 3)
+    assert s.format() == "72.0 ± 2.0" and Stat.of([5.0]).format(2) == "5.00"
+    with pytest.raises(ValueError):
+        Stat.of([])
+
+
+def test_composition_table_rows_columns_and_markdown():
+    runs = [RunRecord("ita", "lora", "none", s, fa) for s, fa in enumerate([70.0, 72.0, 74.0])]
+    runs += [
+        RunRecord("ita", "full", "none", 0, 60.0),
+        RunRecord("ita", "lora", "no-reg", 0, 50.0),
+        RunRecord("joint", "lora", "none", 0, 80.0),
+        RunRecord("tmc", "lora", "none", 0, 65.25),
+    ]
+    table = composition_table(runs)
+    assert table.columns == ["method", "full", "lora"]  # styles in the kit's order, only those present
+    assert [r["method"] for r in table.rows] == [
+        "ITA",
+        "ITA without Eq. 12 reg.",
+        "TMC",
+        "joint (upper bound)",
+    ]
+    assert table.select(method="ITA")["lora"] == Stat(72.0, 2.0, 3)
+    assert table.select(method="TMC")["full"] is None
+    md = table.to_markdown().splitlines()
+    assert md[2:5] == ["| method | full | lora |", "|---|---|---|", "| ITA | 60.0 | 72.0 ± 2.0 |"]
+    assert "| TMC | – | 65.2 |" in md  # missing cell; one seed: the value alone
+    rows = list(csv.reader(io.StringIO(table.to_csv())))
+    assert rows[0] == ["method", "full", "full std", "full n", "lora", "lora std", "lora n"]
+    assert rows[1] == ["ITA", "60.0000", "0.0000", "1", "72.0000", "2.0000", "3"]
+    assert rows[3] == ["TMC", "", "", "0", "65.2500", "0.0000", "1"]
+
+
+def test_unlearning_table_target_control_and_normalised():
+    runs = [
+        RunRecord("ita", "lora", "none", 0, 60.0, SEED0),
+        RunRecord("ita", "lora", "none", 1, 60.0, SEED1),
+        RunRecord("ita", "full", "none", 0, 60.0, SEED0),
+    ]  # another style: not in the lora table
+    table = unlearning_table(runs, "lora")
+    drop0 = table.select(method="ITA", edit="drop τ_k", k="0")
+    # seed 0: target 40, control (60 + 44)/2 = 52, 40/80 = 0.5, (60/60 + 44/40)/2 = 1.05; seed 1: target 20
+    assert drop0["target"] == Stat.of([40, 20]) and drop0["control"] == Stat.of([52, 52])
+    assert drop0["target / before"] == Stat.of([0.5, 0.25])
+    assert drop0["control / before"].mean == pytest.approx(1.05) and drop0["control / before"].std == 0
+    drop2 = table.select(method="ITA", edit="drop τ_k", k="2")
+    assert drop2["target"].mean == 0 and drop2["control / before"].mean == pytest.approx(
+        (72 / 80 + 66 / 60) / 2
+    )
+    mean = table.select(method="ITA", edit="drop τ_k", k="mean")  # per seed over k, then over seeds
+    seed0 = (0.5 + 0.5 + 0.0) / 3
+    seed1 = (0.25 + 0.5 + 0.0) / 3
+    assert mean["target / before"] == Stat.of([seed0, seed1])
+    neg1 = table.select(method="ITA", edit="negate τ_k", k="1")
+    assert neg1["target"] == Stat.of([15, 15]) and neg1["target / before"].mean == pytest.approx(0.25)
+    assert len(table.rows) == 2 * 4  # drop and negate, k = 0, 1, 2 and the mean
+    assert "λ = 1.0" in table.note
+
+
+def test_specialization_table_subset_minus_full():
+    runs = [
+        RunRecord("ita", "lora", "none", 0, 60.0, SEED0),
+        RunRecord("ita", "lora", "none", 1, 60.0, SEED1),
+        RunRecord("seq", "lora", "none", 0, 60.0, SEED0),
+    ]  # not editable: no row
+    table = specialization_table(runs, "lora")
+    assert [r["S"] for r in table.rows] == ["{0}", "{1, 2}", "mean"]
+    pair = table.select(method="ITA", S="{1, 2}")
+    assert pair["subset"] == Stat.of([60, 55]) and pair["full"] == Stat.of([55, 55])
+    assert pair["subset − full"] == Stat.of([5, 0])
+    mean = table.select(method="ITA", S="mean")
+    assert mean["subset − full"] == Stat.of([(5 + 5) / 2, (0 - 5) / 2])
+
+
+# --------------------------------------------------------------------------- measured edits of a real pool
+
+FAST = {"epochs": 1, "batch_size": 16, "rank": 2}
+
+
+def _small_run(tmp_path, bench, backbone, method="naive", seed=0):
+    from compolab.run import run_config
+
+    cfg = run_config(method, "lora", seed=seed, **FAST)
+    run(cfg, tmp_path, benchmark=bench, backbone=backbone, progress=False)
+    return cfg
+
+
+def test_measure_edits_agrees_with_evaluate_tasks(tmp_path, bench, backbone):
+    _small_run(tmp_path, bench, backbone)
+    edits = measure_edits(tmp_path, backbone=backbone, bench=bench)
+    theta0 = theta0_of(backbone)
+    entries = Pool.open(tmp_path / "pool").load_all(theta0_sha256=fingerprint(backbone), theta0=theta0)
+    every_head = IncrementalHead(
+        [entries[t].head for t in range(3)], classes=[entries[t].classes for t in range(3)]
+    )
+    results = load_results(tmp_path)
+    assert [round(edits["before"][str(t)], 2) for t in range(3)] == results["accuracy_matrix"][-1]
+    for k in range(3):
+        model, _ = compose_pool(backbone, theta0, entries, plan_composition([0, 1, 2], drop=[k]))
+        expected = evaluate_tasks(model, every_head, bench, [0, 1, 2])
+        assert edits["drop"][str(k)] == pytest.approx({str(t): a for t, a in expected.items()})
+        rest = [t for t in range(3) if t != k]
+        negated, _ = compose_pool(
+            backbone, theta0, entries, plan_composition([0, 1, 2], tasks=rest, negate=[k], negate_coef=0.5)
+        )
+        expected = evaluate_tasks(negated, every_head, bench, [0, 1, 2])
+        assert edits["negate"][str(k)] == pytest.approx({str(t): a for t, a in expected.items()})
+        single, head = compose_pool(backbone, theta0, entries, plan_composition([0, 1, 2], tasks=[k]))
+        assert edits["subsets"][str(k)]["subset"][str(k)] == pytest.approx(
+            evaluate_tasks(single, head, bench)[k]
+        )
+    assert sorted(edits["subsets"]) == ["0", "0,1", "0,2", "1", "1,2", "2"]
+    assert read_run(tmp_path, edits).edits is edits
+
+
+# --------------------------------------------------------------------------- compolab reproduce
+
+
+def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
+    code = main(
+        [
+            "reproduce",
+            "--plan",
+            "--json",
+            "--cache",
+            str(tmp_path / "c"),
+            "--out",
+            str(tmp_path / "f"),
+            "--no-notebooks",
+        ]
+    )
+    assert code == 0
+    jobs = json.loads(capsys.readouterr().out)
+    runs = [j for j in jobs if j["kind"] == "run"]
+    # ITA, IEL: 3 styles × (plain, no-reg, cls-only); TMC, naive: 3 styles; seq, joint: LoRA; seeds 1-2
+    assert len(runs) == 2 * 9 + 2 * 3 + 2 + 2 * 2
+    assert sum(j["name"].startswith(("seq-lora", "joint-lora")) for j in runs) == 2
+    edits = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "edits")
+    assert edits == sorted(
+        [
+            "ita-lora-s0",
+            "ita-lora-s1",
+            "ita-lora-s2",
+            "iel-lora-s0",
+            "iel-lora-s1",
+            "iel-lora-s2",
+            "tmc-lora-s0",
+            "naive-lora-s0",
+        ]
+    )
+    assert all(j["status"] == "new" and j["cost"] > 0 for j in jobs)
+    assert not (tmp_path / "c").exists()  # a plan creates nothing
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--seeds", "0"],
+        ["--methods", "ita,nope"],
+        ["--styles", "lora,dora"],
+        ["--workers", "-1"],
+        ["--tasks", "0"],
+        ["--preset", "huge"],
+    ],
+)
+def test_reproduce_refuses_bad_input_in_one_line(tmp_path, capsys, argv):
+    assert main(["reproduce", "--plan", "--cache", str(tmp_path), "--no-notebooks", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("compolab: error:")
+
+
+def test_reproduce_resumes_a_half_made_cache(tmp_path, bench, backbone, monkeypatch):
+    cfg = ReproduceConfig(
+        methods=("naive",),
+        styles=("lora",),
+        seeds=1,
+        workers=1,
+        notebooks=None,
+        epochs=1,
+        cache=str(tmp_path / "cache"),
+        out=str(tmp_path / "figures"),
+    )
+    method = type(get_method("naive"))
+    train = method.train
+
+    def killed_at_task_2(self, ctx, t):
+        if t == 2:
+            raise KeyboardInterrupt  # as a kill while task 2 trains
+        return train(self, ctx, t)
+
+    monkeypatch.setattr(method, "train", killed_at_task_2)
+    with pytest.raises(KeyboardInterrupt):
+        reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
+    assert [j.status for j in plan(cfg)] == ["partial", "new"]  # the run, then its edits
+    monkeypatch.setattr(method, "train", train)
+    summary = reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
+    assert summary["failed"] == {} and summary["done"] == 2
+    assert json.loads((tmp_path / "cache" / "summary.json").read_text()) == summary
+    assert set(summary["cpu_seconds"]) == {"run", "edits"} and summary["cpu_seconds"]["run"] > 0
+    run_dir = plan(cfg)[0].args["out"]
+    log = open(f"{run_dir}/log.txt").read()
+    # tasks 0 and 1 were committed before the kill and are not trained again; task 2 is
+    assert log.count("task 0: training") == 1 and log.count("task 2: training") == 2
+    run_cfg = RunConfig.from_json(plan(cfg)[0].args["config"])
+    assert run_cfg.finetune.epochs == 1 and run_cfg.num_tasks == 3
+    reference = run(run_cfg, tmp_path / "ref", benchmark=bench, backbone=backbone, progress=False)
+    assert load_results(run_dir)["accuracy_matrix"] == reference["accuracy_matrix"]
+    table = (tmp_path / "figures" / "tables" / "composition.md").read_text()
+    assert f"| naive task arithmetic | {reference['final_accuracy']:.1f} |" in table
+    assert "compolab reproduce --seeds 1" in table and (tmp_path / "figures/tables/unlearning.csv").exists()
+    assert [j.status for j in plan(cfg)] == ["cached", "cached"]
+    again = reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
+    assert again["cached"] == 2 and again["done"] == 2
+
+
+def test_reproduce_refuses_objects_with_worker_processes(bench):
+    with pytest.raises(Exception, match="workers=1"):
+        reproduce(ReproduceConfig(workers=2, notebooks=None), progress=False, benchmark=bench)
+
+
+def test_an_unfinished_run_is_not_read(tmp_path, bench, backbone):
+    _small_run(tmp_path, bench, backbone)
+    rec = read_run(tmp_path)
+    assert rec.method == "naive" and rec.style == "lora" and rec.seed == 0 and rec.edits is None
+    data = json.loads((tmp_path / "results.json").read_text())
+    data["final_accuracy"] = None
+    (tmp_path / "results.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="not finished"):
+        read_run(tmp_path)
+
+
+def test_table_methods_are_labelled_and_the_claim_rows_are_editable():
+    from compolab.methods import CLAIM_METHODS, TABLE_METHODS
+
+    assert all(get_method(m).label for m in TABLE_METHODS)
+    assert set(CLAIM_METHODS) <= set(TABLE_METHODS) and all(get_method(m).editable for m in CLAIM_METHODS)
+    assert not get_method("seq").editable and not get_method("joint").editable
+
+
+def test_tmc_gets_its_own_tiny_schedule_only_on_tiny():
+    from compolab.config import get_preset, preset_configs
+
+    tiny_tmc, _ = preset_configs(get_preset("tiny"), get_method("tmc"))
+    tiny_ita, _ = preset_configs(get_preset("tiny"), get_method("ita"))
+    paper_tmc, _ = preset_configs(get_preset("paper"), get_method("tmc"))
+    assert (tiny_tmc.epochs, tiny_tmc.lr) == (8, 3e-2)
+    assert (tiny_ita.epochs, tiny_ita.lr) == (4, 3e-3)
+    assert paper_tmc == preset_configs(get_preset("paper"), get_method("ita"))[0]
+
+
+def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path):
+    import nbformat
+
+    from compolab.io import write_json
+
+    nbs = tmp_path / "nbs"
+    nbs.mkdir()
+    for name, src in (("a.ipynb", "print(1)"), ("b.ipynb", "open('../figures/tables/composition.md')")):
+        nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)]), nbs / name)
+    cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, notebooks=str(nbs),
+                          cache=str(tmp_path / "cache"), out=str(tmp_path / "figures"))  # fmt: skip
+    jobs = {j.name: j for j in plan(cfg)}
+    assert jobs["a.ipynb"].after == () and jobs["b.ipynb"].after == ("tables",)
+    record = {n: {"key": jobs[n].args["key"], "seconds": 1.0} for n in ("a.ipynb", "b.ipynb")}
+    (tmp_path / "cache").mkdir()
+    write_json(tmp_path / "cache" / "notebooks.json", record)
+    jobs = {j.name: j for j in plan(cfg)}
+    # same code and kit: a is skipped; b reads tables that the new run will change, so it runs again
+    assert jobs["a.ipynb"].status == "cached" and jobs["b.ipynb"].status == "new"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(2)")]), nbs / "a.ipynb")
+    assert {j.name: j for j in plan(cfg)}["a.ipynb"].status == "new"  # its code changed
