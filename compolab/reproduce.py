@@ -438,7 +438,7 @@ def reproduce(
     summary = {"jobs": len(jobs), "done": len(done), "cached": sum(j.status == "cached" for j in jobs),
                "failed": failed, "blocked": blocked, "tables": [str(p) for p in tables],
                "seconds": round(time.time() - t0, 1),
-               "cpu_seconds": {k: round(v, 1) for k, v in cpu.items()}}  # fmt: skip
+               "cpu_seconds": {k: round(v, 3) for k, v in cpu.items()}}  # fmt: skip
     Path(cfg.cache).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.cache) / "summary.json", summary)  # also when some job failed
     if failed:
