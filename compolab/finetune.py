@@ -124,6 +124,8 @@ def decoupled_penalty_step(
     Returns:
         The penalty's value (detached), for logging.
     """
+    if not penalty.requires_grad:  # no term left (the "no-reg" ablation): nothing to apply
+        return penalty.detach()
     grads = torch.autograd.grad(penalty, params, allow_unused=True)
     with torch.no_grad():
         for p, g in zip(params, grads, strict=True):

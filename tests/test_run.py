@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 from conftest import SMALL_WORLD
 
 from compolab.data import tiny_benchmark
@@ -36,6 +37,22 @@ def test_every_method_and_style_writes_pool_and_results(tmp_path, bench, backbon
     assert saved["config"]["method"] == method and saved["config"]["finetune"]["style"] == style
     pool = Pool.open(tmp_path / "pool")
     assert pool.tasks() == ([0] if method == "joint" else [0, 1, 2])
+
+
+@pytest.mark.parametrize("style", ["full", "lora"])
+def test_ita_without_its_penalties_is_naive_task_arithmetic(tmp_path, bench, backbone, style):
+    """ITA's "no-reg" ablation and naive task arithmetic are one computation: ``compolab reproduce``
+    runs it once and reports it in both rows."""
+    ita = run(_cfg("ita", style, ablation="no-reg"), tmp_path / "ita", benchmark=bench, backbone=backbone,
+              progress=False)  # fmt: skip
+    naive = run(_cfg("naive", style), tmp_path / "naive", benchmark=bench, backbone=backbone, progress=False)
+    assert ita["accuracy_matrix"] == naive["accuracy_matrix"]
+    pools = [Pool.open(tmp_path / m / "pool") for m in ("ita", "naive")]
+    for t in range(3):
+        a, b = (p.load(t, theta0_sha256=p.manifest["theta0_sha256"]).module.state_dict() for p in pools)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+        ha, hb = (p.load(t, theta0_sha256=p.manifest["theta0_sha256"]).head.state_dict() for p in pools)
+        assert all(torch.equal(ha[k], hb[k]) for k in ha)
 
 
 def test_resume_after_a_kill_gives_identical_results(tmp_path, bench, backbone, monkeypatch):
