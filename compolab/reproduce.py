@@ -4,18 +4,20 @@ One command, one overall progress bar, four kinds of jobs:
 
 1. **runs** (:func:`plan`) under ``cache``: the composition grid — every editable method of
    ``TABLE_METHODS`` × tuning style, ITA and IEL also with their ablations ("without Eq. 12 / 19",
-   "only on CLS"), and the references (sequential fine-tuning, joint training) once, in the
-   editing style — for seed 0, and the methods whose editing claims are asserted
-   (``CLAIM_METHODS``) in the editing style for seeds 1 … N−1. The tiny preset trains the first
-   3 tasks of the tiny world, :data:`TINY_EPOCHS` epochs per task. A run's folder name carries a
-   hash of its config: a finished run is reused, a killed one resumes (the kit's ``--resume``), a
-   changed config is a new run;
+   "only on CLS"; a row that is another's computation, :data:`~compolab.methods.SAME_RUN`, is
+   trained once), and the references (sequential fine-tuning, joint training) and TMC (one row
+   in the paper's Table 1; a linearised run costs about four plain ones) once, in the editing
+   style — for seed 0, and the methods whose editing claims are asserted (``CLAIM_METHODS``) in
+   the editing style for seeds 1 … N−1. The tiny preset trains the first 3 tasks of the tiny
+   world, :data:`TINY_EPOCHS` epochs per task. A run's folder name carries a hash of its config:
+   a finished run is reused, a killed one resumes (the kit's ``--resume``), a changed config is a
+   new run;
 2. **edits** of every editable pool of the editing style (:func:`compolab.measure.measure_edits`),
    cached as JSON next to the runs;
 3. **tables** under ``<out>/tables/``: composition, unlearning, specialization (markdown + CSV,
    :mod:`compolab.tables`), written as soon as the runs and edits are done;
-4. **notebooks**, executed in place by ``jupyter nbconvert`` (inline figures embedded, each figure
-   also written to ``<out>`` through ``COMPOLAB_FIGURES_DIR``); a notebook that reads
+4. **notebooks** that save figures, executed in place by ``jupyter nbconvert`` (inline figures
+   embedded, each figure also written to ``<out>`` through ``COMPOLAB_FIGURES_DIR``); a notebook that reads
    ``figures/tables`` runs after the tables. A notebook is skipped when neither its code nor the
    kit changed since it last ran into the same ``<out>``.
 
@@ -35,7 +37,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from compolab.config import get_preset
 from compolab.errors import CompolabError, ConfigError
 from compolab.io import canonical_json, file_sha256, read_json, write_json
 from compolab.measure import measure_edits, read_run
-from compolab.methods import CLAIM_METHODS, TABLE_METHODS, get_method
+from compolab.methods import CLAIM_METHODS, SAME_RUN, TABLE_METHODS, get_method
 from compolab.run import RunConfig, run, run_config
 from compolab.tables import composition_table, specialization_table, unlearning_table, write_table
 from compolab.tuning import STYLES
@@ -84,7 +86,7 @@ class ReproduceConfig:
         styles: Tuning styles of the grid (default: all).
         edit_style: The style of the editing tables and of the extra seeds.
         device: Training device (``cpu``, ``cuda``, ``auto``).
-        negate_coef: λ of negated modules, relative to the kept ones' weight.
+        negate_coef: γ of negated modules, relative to the kept ones' weight.
     """
 
     preset: str = "tiny"
@@ -170,10 +172,11 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
                               num_tasks=cfg.tasks, epochs=epochs))  # fmt: skip
 
     for method in cfg.methods:
-        m = get_method(method)  # the references (not editable) once, in the editing style
-        for style in cfg.styles if m.editable else [cfg.edit_style]:
+        m = get_method(method)  # the references and TMC once, in the editing style
+        for style in cfg.styles if m.editable and not m.linearised else [cfg.edit_style]:
             for ablation in ("none", *m.ablation_labels):
-                add(method, style, ablation)
+                if SAME_RUN.get((method, ablation), ("",))[0] not in cfg.methods:
+                    add(method, style, ablation)
     for seed in range(1, cfg.seeds):
         for method in (m for m in CLAIM_METHODS if m in cfg.methods):
             add(method, cfg.edit_style, seed=seed)
@@ -232,6 +235,8 @@ def plan(cfg: ReproduceConfig) -> list[Job]:
         record = _notebook_record(cfg)
         fresh_tables = all(j.status == "cached" for j in jobs)  # else the tables change: their readers rerun
         for nb in sorted(Path(cfg.notebooks).glob("*.ipynb")):
+            if "savefig(" not in nb.read_text(encoding="utf-8"):
+                continue  # draws no figure for the figures folder
             key, seen = _notebook_key(nb, cfg.out), record.get(nb.name, {})
             after = ("tables",) if "figures/tables" in nb.read_text(encoding="utf-8") else ()
             cached = seen.get("key") == key and (fresh_tables or not after)
@@ -340,11 +345,19 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
         out = j.args.get("out")
         if j.kind == "run" and (Path(out) / "results.json").exists():
             try:
-                records.append(read_run(out, read_json(edits[out]) if out in edits else None))
+                record = read_run(out, read_json(edits[out]) if out in edits else None)
             except ValueError:  # not finished
                 continue
+            records.append(record)
+            records += [replace(record, method=m, ablation=a, edits=None) for (m, a), same in SAME_RUN.items()
+                        if same == (record.method, record.ablation) and m in cfg.methods]  # fmt: skip
     folder = Path(cfg.out) / "tables"
     made = f"\n_Made by `{cfg.command()}` ({cfg.preset} preset, {cfg.tasks or 'all'} tasks)._"
+    for (m, a), (same_m, same_a) in SAME_RUN.items():
+        if any(r.method == m and r.ablation == a for r in records) and any(
+                r.method == same_m and r.ablation == same_a for r in records):  # fmt: skip
+            made = (f"\n{get_method(m).ablation_labels[a]} and {get_method(same_m).label} are one "
+                    f"computation (`tests/test_run.py`): trained once, shown in both rows.{made}")
     paths = []
     for stem, table in (("composition", composition_table(records)),
                         ("unlearning", unlearning_table(records, cfg.edit_style)),

@@ -7,7 +7,7 @@ Three tables, built from run folders (``compolab train --out``) and their pools:
   CLS") and tuning style (columns): the shape of the paper's Tables 1, 2 and 6;
 * **unlearning** (:func:`unlearning_table`) — per forgotten task k, the *target* accuracy (on task
   k) and the *control* accuracy (mean over the other tasks) after **dropping** τ_k,
-  θ0 + Σ_{t≠k} τ_t / (T−1), or **negating** it, θ0 + (Σ_{t≠k} τ_t − λ τ_k) / (T−1) (λ = 1 by
+  θ0 + Σ_{t≠k} τ_t / (T−1), or **negating** it, θ0 + (Σ_{t≠k} τ_t − γ τ_k) / (T−1) (γ = 1 by
   default: τ_k enters with the weight of the others, sign flipped); raw, and normalised by the
   accuracy of the same task before editing. Every task's head stays in the output (argmax over all
   classes): dropping a head as well would zero the target by construction and say nothing about
@@ -234,7 +234,7 @@ def unlearning_table(runs: Iterable[RunRecord], style: str = "lora") -> Table:
     coef = {r.edits["negate_coef"] for rs in _editable(runs, style).values() for r in rs}
     return Table(f"Unlearning ({style}): accuracy (%) on the forgotten task k (target) and the others "
                  "(control)", ["method", "edit", "k", *_UNLEARNING], rows, digits=2,
-                 note="drop: θ0 + Σ_{t≠k} τ_t/(T−1); negate: θ0 + (Σ_{t≠k} τ_t − λ τ_k)/(T−1), λ = "
+                 note="drop: θ0 + Σ_{t≠k} τ_t/(T−1); negate: θ0 + (Σ_{t≠k} τ_t − γ τ_k)/(T−1), γ = "
                       f"{', '.join(map(str, sorted(coef)))}. Every task's head stays in the argmax. "
                       "'/ before': accuracy over the accuracy of the same task in the unedited "
                       "composition (control: mean of the ratios). Mean ± std over seeds.")  # fmt: skip

@@ -115,7 +115,7 @@ def test_unlearning_table_target_control_and_normalised():
     neg1 = table.select(method="ITA", edit="negate τ_k", k="1")
     assert neg1["target"] == Stat.of([15, 15]) and neg1["target / before"].mean == pytest.approx(0.25)
     assert len(table.rows) == 2 * 4  # drop and negate, k = 0, 1, 2 and the mean
-    assert "λ = 1.0" in table.note
+    assert "γ = 1.0" in table.note
 
 
 def test_specialization_table_subset_minus_full():
@@ -193,8 +193,11 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
     assert code == 0
     jobs = json.loads(capsys.readouterr().out)
     runs = [j for j in jobs if j["kind"] == "run"]
-    # ITA, IEL: 3 styles × (plain, no-reg, cls-only); TMC, naive: 3 styles; seq, joint: LoRA; seeds 1-2
-    assert len(runs) == 2 * 9 + 2 * 3 + 2 + 2 * 2
+    # ITA: 3 styles × (plain, cls-only; no-reg is naive); IEL: 3 styles × (plain, no-reg, cls-only);
+    # naive: 3 styles; TMC, seq, joint: LoRA; seeds 1-2 of ITA and IEL
+    assert len(runs) == 3 * 2 + 3 * 3 + 3 + 3 + 2 * 2
+    assert not any(j["name"].startswith("ita-") and "-no-reg-" in j["name"] for j in runs)
+    assert [j["name"].split("-")[1] for j in runs if j["name"].startswith("tmc-")] == ["lora"]
     assert sum(j["name"].startswith(("seq-lora", "joint-lora")) for j in runs) == 2
     edits = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "edits")
     assert edits == sorted(
@@ -268,6 +271,7 @@ def test_reproduce_resumes_a_half_made_cache(tmp_path, bench, backbone, monkeypa
     assert load_results(run_dir)["accuracy_matrix"] == reference["accuracy_matrix"]
     table = (tmp_path / "figures" / "tables" / "composition.md").read_text()
     assert f"| naive task arithmetic | {reference['final_accuracy']:.1f} |" in table
+    assert "ITA without" not in table  # its row comes from the naive run only when ITA is in the grid
     assert "compolab reproduce --seeds 1" in table and (tmp_path / "figures/tables/unlearning.csv").exists()
     assert [j.status for j in plan(cfg)] == ["cached", "cached"]
     again = reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
@@ -316,11 +320,14 @@ def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path
 
     nbs = tmp_path / "nbs"
     nbs.mkdir()
-    for name, src in (("a.ipynb", "print(1)"), ("b.ipynb", "open('../figures/tables/composition.md')")):
+    sources = {"a.ipynb": "savefig(fig, 'a')", "c.ipynb": "print(1)",
+               "b.ipynb": "open('../figures/tables/composition.md')\nsavefig(fig, 'b')"}
+    for name, src in sources.items():
         nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(src)]), nbs / name)
     cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, notebooks=str(nbs),
                           cache=str(tmp_path / "cache"), out=str(tmp_path / "figures"))  # fmt: skip
     jobs = {j.name: j for j in plan(cfg)}
+    assert "c.ipynb" not in jobs  # draws nothing for the figures folder
     assert jobs["a.ipynb"].after == () and jobs["b.ipynb"].after == ("tables",)
     record = {n: {"key": jobs[n].args["key"], "seconds": 1.0} for n in ("a.ipynb", "b.ipynb")}
     (tmp_path / "cache").mkdir()
@@ -328,5 +335,6 @@ def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path
     jobs = {j.name: j for j in plan(cfg)}
     # same code and kit: a is skipped; b reads tables that the new run will change, so it runs again
     assert jobs["a.ipynb"].status == "cached" and jobs["b.ipynb"].status == "new"
-    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(2)")]), nbs / "a.ipynb")
+    changed = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("savefig(fig, 'a2')")])
+    nbformat.write(changed, nbs / "a.ipynb")
     assert {j.name: j for j in plan(cfg)}["a.ipynb"].status == "new"  # its code changed
