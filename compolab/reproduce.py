@@ -235,12 +235,14 @@ def plan(cfg: ReproduceConfig) -> list[Job]:
         record = _notebook_record(cfg)
         fresh_tables = all(j.status == "cached" for j in jobs)  # else the tables change: their readers rerun
         for nb in sorted(Path(cfg.notebooks).glob("*.ipynb")):
-            if "savefig(" not in nb.read_text(encoding="utf-8"):
+            text = nb.read_text(encoding="utf-8")
+            if "savefig(" not in text:
                 continue  # draws no figure for the figures folder
             key, seen = _notebook_key(nb, cfg.out), record.get(nb.name, {})
-            after = ("tables",) if "figures/tables" in nb.read_text(encoding="utf-8") else ()
+            after = ("tables",) if "figures/tables" in text else ()
             cached = seen.get("key") == key and (fresh_tables or not after)
-            jobs.append(Job("notebook", nb.name, seen.get("seconds", NOTEBOOK_SECONDS),
+            last = json.loads(text).get("metadata", {}).get("compolab", {}).get("seconds")  # committed
+            jobs.append(Job("notebook", nb.name, seen.get("seconds", last or NOTEBOOK_SECONDS),
                             {"path": str(nb), "figures": str(Path(cfg.out).resolve()), "key": key},
                             after=after, status="cached" if cached else "new"))  # fmt: skip
     return jobs
@@ -352,17 +354,17 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
             records += [replace(record, method=m, ablation=a, edits=None) for (m, a), same in SAME_RUN.items()
                         if same == (record.method, record.ablation) and m in cfg.methods]  # fmt: skip
     folder = Path(cfg.out) / "tables"
-    made = f"\n_Made by `{cfg.command()}` ({cfg.preset} preset, {cfg.tasks or 'all'} tasks)._"
-    for (m, a), (same_m, same_a) in SAME_RUN.items():
-        if any(r.method == m and r.ablation == a for r in records) and any(
-                r.method == same_m and r.ablation == same_a for r in records):  # fmt: skip
-            made = (f"\n{get_method(m).ablation_labels[a]} and {get_method(same_m).label} are one "
-                    f"computation (`tests/test_run.py`): trained once, shown in both rows.{made}")
+    made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {cfg.tasks or 'all'} tasks)._"
+    shared = [f"{get_method(m).ablation_labels[a]} and {get_method(sm).label} are one computation "
+              "(`tests/test_run.py`): trained once, shown in both rows."
+              for (m, a), (sm, sa) in SAME_RUN.items()
+              if {(m, a), (sm, sa)} <= {(r.method, r.ablation) for r in records}]  # fmt: skip
     paths = []
-    for stem, table in (("composition", composition_table(records)),
-                        ("unlearning", unlearning_table(records, cfg.edit_style)),
-                        ("specialization", specialization_table(records, cfg.edit_style))):  # fmt: skip
-        table.note = (table.note + "\n" + made).strip()
+    style = cfg.edit_style
+    for stem, table, extra in (("composition", composition_table(records), shared),
+                               ("unlearning", unlearning_table(records, style), []),
+                               ("specialization", specialization_table(records, style), [])):  # fmt: skip
+        table.note = "\n\n".join([table.note, *extra, made]).strip()
         paths += write_table(table, folder, stem)
     return paths
 
@@ -474,7 +476,15 @@ def _immediate(job: Job, benchmark, backbone) -> Future:
 
 
 def _record_notebook(cfg: ReproduceConfig, job: Job) -> None:
+    """Remember a notebook's key and wall time in the cache, and the time in the notebook's own
+    metadata (``compolab.seconds``): a fresh clone schedules the longest notebooks first."""
+    import nbformat
+
+    seconds = round(job.seconds or 0.0, 1)
     record = _notebook_record(cfg)
-    record[job.name] = {"key": job.args["key"], "seconds": round(job.seconds or 0.0, 1)}
+    record[job.name] = {"key": job.args["key"], "seconds": seconds}
     Path(cfg.cache).mkdir(parents=True, exist_ok=True)
     write_json(Path(cfg.cache) / "notebooks.json", record)
+    nb = nbformat.read(job.args["path"], as_version=4)
+    nb.metadata["compolab"] = {"seconds": seconds}
+    nbformat.write(nb, job.args["path"])

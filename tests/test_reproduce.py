@@ -4,6 +4,7 @@ measured edits of a real small pool, and ``compolab reproduce``: the plan, bad i
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 
@@ -15,7 +16,7 @@ from compolab.measure import measure_edits, read_run
 from compolab.methods import get_method
 from compolab.models import fingerprint, theta0_of
 from compolab.pool import Pool
-from compolab.reproduce import ReproduceConfig, plan, reproduce
+from compolab.reproduce import ReproduceConfig, _record_notebook, plan, reproduce
 from compolab.run import RunConfig, load_results, run
 from compolab.tables import RunRecord, Stat, composition_table, specialization_table, unlearning_table
 
@@ -329,8 +330,13 @@ def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path
     jobs = {j.name: j for j in plan(cfg)}
     assert "c.ipynb" not in jobs  # draws nothing for the figures folder
     assert jobs["a.ipynb"].after == () and jobs["b.ipynb"].after == ("tables",)
+    assert jobs["a.ipynb"].cost == 90.0  # never run: the default estimate
+    jobs["a.ipynb"].seconds = 42.0
+    _record_notebook(cfg, jobs["a.ipynb"])  # the time goes to the cache and into the notebook
+    assert nbformat.read(nbs / "a.ipynb", as_version=4).metadata["compolab"] == {"seconds": 42.0}
+    (tmp_path / "cache" / "notebooks.json").unlink()
+    assert {j.name: j for j in plan(cfg)}["a.ipynb"].cost == 42.0  # a fresh clone: from the notebook
     record = {n: {"key": jobs[n].args["key"], "seconds": 1.0} for n in ("a.ipynb", "b.ipynb")}
-    (tmp_path / "cache").mkdir()
     write_json(tmp_path / "cache" / "notebooks.json", record)
     jobs = {j.name: j for j in plan(cfg)}
     # same code and kit: a is skipped; b reads tables that the new run will change, so it runs again
@@ -338,3 +344,28 @@ def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path
     changed = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("savefig(fig, 'a2')")])
     nbformat.write(changed, nbs / "a.ipynb")
     assert {j.name: j for j in plan(cfg)}["a.ipynb"].status == "new"  # its code changed
+
+
+def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch):
+    import compolab.reproduce as rp
+
+    cfg = ReproduceConfig(methods=("ita", "naive"), styles=("full",), seeds=1, notebooks=None,
+                          cache=str(tmp_path / "c"), out=str(tmp_path / "f"))  # fmt: skip
+    runs = [j for j in plan(cfg) if j.kind == "run"]
+    assert sorted(j.name.split("-s0")[0] for j in runs) == ["ita-full", "ita-full-cls-only", "naive-full"]
+    fa = {"ita-full": 70.0, "ita-full-cls-only": 65.0, "naive-full": 60.0}
+    for j in runs:
+        Path(j.args["out"]).mkdir(parents=True)
+        Path(j.args["out"], "results.json").write_text("{}")
+    ablation = {"ita-full-cls-only": "cls-only"}
+
+    def fake_read_run(out, edits=None):
+        name = Path(out).name.split("-s0")[0]
+        return RunRecord(name.split("-")[0], "full", ablation.get(name, "none"), 0, fa[name], edits, str(out))
+
+    monkeypatch.setattr(rp, "read_run", fake_read_run)
+    rp.write_tables(cfg, plan(cfg))
+    md = (tmp_path / "f" / "tables" / "composition.md").read_text()
+    assert "| ITA without Eq. 12 reg. | 60.0 |" in md and "| naive task arithmetic | 60.0 |" in md
+    assert "one computation" in md
+    assert "one computation" not in (tmp_path / "f" / "tables" / "unlearning.md").read_text()
