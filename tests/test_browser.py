@@ -50,9 +50,14 @@ def _free_port() -> int:
 
 
 def _wait(predicate, timeout: float, what: str, poll: float = 0.5):
+    from selenium.common.exceptions import StaleElementReferenceException
+
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        value = predicate()
+        try:
+            value = predicate()
+        except StaleElementReferenceException:  # the widget re-rendered what was being read: read again
+            value = None
         if value:
             return value
         time.sleep(poll)
