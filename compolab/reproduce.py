@@ -6,8 +6,8 @@ One command, one overall progress bar, four kinds of jobs:
    ``TABLE_METHODS`` × tuning style, ITA and IEL also with their ablations ("without Eq. 12 / 19",
    "only on CLS"; a row that is another's computation, :data:`~compolab.methods.SAME_RUN`, is
    trained once), and the references (sequential fine-tuning, joint training) and TMC (one row
-   in the paper's Table 1; a linearised run costs about four plain ones) once, in the editing
-   style — for seed 0, and the methods whose editing claims are asserted (``CLAIM_METHODS``) in
+   in the paper's Table 1; its 8-epoch linearised run costs about four 3-epoch plain ones) once,
+   in the editing style — for seed 0, and the methods whose editing claims are asserted (``CLAIM_METHODS``) in
    the editing style for seeds 1 … N−1. The tiny preset trains the first 3 tasks of the tiny
    world, :data:`TINY_EPOCHS` epochs per task. A run's folder name carries a hash of its config:
    a finished run is reused, a killed one resumes (the kit's ``--resume``), a changed config is a
