@@ -88,7 +88,7 @@ def measure_edits(
     Args:
         run_dir: A finished run folder.
         negate_coef: γ of a negated module, relative to the weight :math:`1/(T-1)` of the kept ones:
-            :math:`\theta_0 + (\sum_{t\ne k}\tau_t - \lambda\tau_k)/(T-1)`.
+            :math:`\theta_0 + (\sum_{t\ne k}\tau_t - \gamma\tau_k)/(T-1)`.
         device: Where to evaluate.
         backbone, bench: θ0 and the benchmark (default: from the pool's manifest).
 

@@ -7,18 +7,18 @@ One command, one overall progress bar, four kinds of jobs:
    "only on CLS"; a row that is another's computation, :data:`~compolab.methods.SAME_RUN`, is
    trained once), and the references (sequential fine-tuning, joint training) and TMC (one row
    in the paper's Table 1; its 8-epoch linearised run costs about four 3-epoch plain ones) once,
-   in the editing style — for seed 0, and the methods whose editing claims are asserted (``CLAIM_METHODS``) in
-   the editing style for seeds 1 … N−1. The tiny preset trains the first 3 tasks of the tiny
-   world, :data:`TINY_EPOCHS` epochs per task. A run's folder name carries a hash of its config:
-   a finished run is reused, a killed one resumes (the kit's ``--resume``), a changed config is a
-   new run;
+   in the editing style — for seed 0, and the methods whose editing claims are asserted
+   (``CLAIM_METHODS``) in the editing style for seeds 1 … N−1. The tiny preset trains the first
+   3 tasks of the tiny world, :data:`TINY_EPOCHS` epochs per task. A run's folder name carries a
+   hash of its config: a finished run is reused, a killed one resumes (the kit's ``--resume``), a
+   changed config is a new run;
 2. **edits** of every editable pool of the editing style (:func:`compolab.measure.measure_edits`),
    cached as JSON next to the runs;
 3. **tables** under ``<out>/tables/``: composition, unlearning, specialization (markdown + CSV,
    :mod:`compolab.tables`), written as soon as the runs and edits are done;
 4. **notebooks** that save figures, executed in place by ``jupyter nbconvert`` (inline figures
-   embedded, each figure also written to ``<out>`` through ``COMPOLAB_FIGURES_DIR``); a notebook that reads
-   ``figures/tables`` runs after the tables. A notebook is skipped when neither its code nor the
+   embedded, each figure also written to ``<out>`` through ``COMPOLAB_FIGURES_DIR``); a notebook
+   that reads ``figures/tables`` runs after the tables. A notebook is skipped when neither its code nor the
    kit changed since it last ran into the same ``<out>``.
 
 Jobs run on ``workers`` processes with one thread each (2 on the 2-core CPU the tiny preset
@@ -175,7 +175,8 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
         m = get_method(method)  # the references and TMC once, in the editing style
         for style in cfg.styles if m.editable and not m.linearised else [cfg.edit_style]:
             for ablation in ("none", *m.ablation_labels):
-                if SAME_RUN.get((method, ablation), ("",))[0] not in cfg.methods:
+                same = SAME_RUN.get((method, ablation))
+                if same is None or same[0] not in cfg.methods:  # else that run stands for this one
                     add(method, style, ablation)
     for seed in range(1, cfg.seeds):
         for method in (m for m in CLAIM_METHODS if m in cfg.methods):
@@ -342,7 +343,8 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
     """The three tables of the finished runs in ``jobs``, as markdown + CSV under ``<out>/tables``."""
     edits = {j.args["run_dir"]: j.args["path"] for j in jobs
              if j.kind == "edits" and Path(j.args["path"]).exists()}  # fmt: skip
-    records = []
+    stands_for = {same: row for row, same in SAME_RUN.items() if row[0] in cfg.methods}
+    records, shared = [], []
     for j in jobs:
         out = j.args.get("out")
         if j.kind == "run" and (Path(out) / "results.json").exists():
@@ -351,14 +353,14 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
             except ValueError:  # not finished
                 continue
             records.append(record)
-            records += [replace(record, method=m, ablation=a, edits=None) for (m, a), same in SAME_RUN.items()
-                        if same == (record.method, record.ablation) and m in cfg.methods]  # fmt: skip
+            row = stands_for.get((record.method, record.ablation))
+            if row is not None:  # the same run, shown in the row it stands for too
+                records.append(replace(record, method=row[0], ablation=row[1], edits=None))
+                note = (f"{get_method(row[0]).ablation_labels[row[1]]} and {get_method(record.method).label} "
+                        "are one computation (`tests/test_run.py`): trained once, shown in both rows.")
+                shared += [note] if note not in shared else []
     folder = Path(cfg.out) / "tables"
     made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {cfg.tasks or 'all'} tasks)._"
-    shared = [f"{get_method(m).ablation_labels[a]} and {get_method(sm).label} are one computation "
-              "(`tests/test_run.py`): trained once, shown in both rows."
-              for (m, a), (sm, sa) in SAME_RUN.items()
-              if {(m, a), (sm, sa)} <= {(r.method, r.ablation) for r in records}]  # fmt: skip
     paths = []
     style = cfg.edit_style
     for stem, table, extra in (("composition", composition_table(records), shared),
