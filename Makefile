@@ -8,7 +8,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.compolab-installed
 NBOPTS := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install test lint unit notebooks reproduce pretrain table clean
+.PHONY: install test check lint unit notebooks reproduce pretrain table clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,13 @@ JOBS ?= $(shell nproc)
 test: install lint
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 MPLBACKEND=Agg \
 	  $(BIN)/pytest -n $(JOBS) --dist loadfile --durations=15 $(NBOPTS) --doctest-modules compolab tests notebooks
+
+## The edit loop (< 3 min on 2 cores): lint, doctests and every unit test but the slow ones
+## (`-m slow`: the ViT-B/16 end-to-end runs, torchrun, the browser, two runs racing for one folder);
+## no notebook. `make test` stays the whole suite.
+check: install lint
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 TQDM_DISABLE=1 MPLBACKEND=Agg \
+	  $(BIN)/pytest -n $(JOBS) --dist loadfile --durations=10 -m "not slow" --doctest-modules compolab tests
 
 unit: install
 	TQDM_DISABLE=1 $(BIN)/pytest tests

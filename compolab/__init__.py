@@ -65,6 +65,7 @@ from compolab.tmc import (
     scaled_square_loss,
 )
 from compolab.tuning import TaskModule
+from compolab.workspace import OpenedPool, compose_and_evaluate, open_pool
 from compolab.world import ALL_CLASSES, PATTERNS, SHAPES, generate, world_split
 
 __version__ = "0.1.0"
@@ -80,7 +81,7 @@ __all__ = [
     # modules, composition, the pool, editing
     "TaskVector", "compose", "TaskModule", "merge", "ComposedForward", "Pool", "PoolEntry",
     "CompositionPlan", "plan_composition", "compose_pool", "IncrementalHead", "new_head",
-    "evaluate_tasks", "final_average",
+    "evaluate_tasks", "final_average", "OpenedPool", "open_pool", "compose_and_evaluate",
     # Fisher, curvature, penalties (Eq. 11-12, 18-19)
     "diagonal_fisher", "DiagonalFisher", "FisherAccumulator", "hvp", "make_loss_fn", "hessian_diagonal_exact",
     "math_attention",

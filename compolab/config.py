@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from compolab.data import Benchmark, TinyWorldConfig, tiny_benchmark
-from compolab.errors import ConfigError
+from compolab.errors import CompolabError, ConfigError
 from compolab.finetune import FinetuneConfig
 from compolab.methods import Method, MethodConfig
 from compolab.models import PAPER_VIT, TINY_VIT, BackboneSpec, load_backbone, make_backbone
@@ -95,7 +95,7 @@ def get_preset(name: str | None = None, **overrides) -> Preset:
     """
     name = name or os.environ.get("COMPOLAB_PRESET", "tiny")
     if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"`preset` {name!r} is unknown; choose one of {sorted(PRESETS)}")
     fields = set(Preset.__dataclass_fields__)
     bad = sorted(set(overrides) - fields)
     if bad:
@@ -123,15 +123,33 @@ def preset_configs(
     return replace(ft, **ft_over), replace(mc, **mc_over)
 
 
-def load_theta0(preset: Preset, checkpoint: str | Path | None = None) -> nn.Module:
-    """The pre-trained backbone θ0 of a preset, in eval mode.
+def load_theta0(preset: Preset, checkpoint: str | Path | None = None, *, download: bool = True) -> nn.Module:
+    """The pre-trained backbone θ0 of a preset, in eval mode: the kit's one θ0 loader.
 
     ``tiny`` loads the checkpoint shipped in the package (or ``checkpoint``); ``paper`` asks timm for
-    ``vit_base_patch16_224.augreg_in21k``, which downloads the weights on first use.
+    ``vit_base_patch16_224.augreg_in21k``, which downloads the weights on first use — unless
+    ``download=False`` (every reader of a pool): then only the local Hugging Face cache is used.
+
+    Raises:
+        CompolabError: ``download=False`` and the paper preset's θ0 is not in the local cache.
     """
-    if preset.name == "paper" and checkpoint is None:
+    if preset.name != "paper" or checkpoint is not None:
+        return load_backbone(checkpoint)[0]
+    if download:
         return make_backbone(preset.backbone, pretrained=True)
-    return load_backbone(checkpoint)[0]
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    spec = preset.backbone
+    hub_id = timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id
+    path = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
+    if not isinstance(path, str):
+        raise CompolabError(f"the paper preset's θ0 ({spec.timm_name}) is not in the local Hugging Face "
+                            "cache, and reading a pool never downloads: run `compolab train --preset paper` "
+                            "once (it downloads θ0), or set HF_HOME to the cache that holds it")  # fmt: skip
+    model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": path},
+                              num_classes=0, img_size=spec.img_size)  # fmt: skip
+    return model.eval()
 
 
 def load_benchmark_for(preset: Preset, dataset: str | None = None, *, download: bool = False) -> Benchmark:

@@ -280,7 +280,7 @@ def _load_cifar100(
     files = [root / info.folder / f for f in ("train", "test", "meta")]
     if not download and not all(f.is_file() for f in files):
         raise DataNotFoundError(
-            f"cifar100: expected {info.layout} under {root}; pass --download to fetch it"
+            f"cifar100: expected {info.layout} under {root}; pass `download` to fetch it"
         )
     parts = []
     for train in (True, False):
@@ -290,7 +290,7 @@ def _load_cifar100(
         except (RuntimeError, OSError) as err:
             raise DataNotFoundError(
                 f"cifar100 under {root} is unusable ({err}); delete {root / info.folder} "
-                "and pass --download to fetch it again"
+                "and pass `download` to fetch it again"
             ) from err
         parts += [ds, ds.targets]
     return (*parts, list(parts[0].classes))

@@ -91,7 +91,7 @@ def plan_composition(
         (0.5, 0.5)
     """
     tasks = sorted(available) if tasks is None else list(tasks)
-    for what, ids in (("--tasks", tasks), ("--drop", list(drop)), ("--negate", list(negate))):
+    for what, ids in (("`tasks`", tasks), ("`drop`", list(drop)), ("`negate`", list(negate))):
         _check_ids(what, ids, available)
     kept = [t for t in tasks if t not in set(drop)]
     if not kept:
@@ -102,9 +102,9 @@ def plan_composition(
     if coefs is None:
         coefs = uniform_coefs(len(kept))
     elif len(coefs) != len(kept):
-        raise ConfigError(f"got {len(coefs)} weights for {len(kept)} composed tasks {kept}")
+        raise ConfigError(f"`coefs`: got {len(coefs)} weights for {len(kept)} composed tasks {kept}")
     if not (negate_coef >= 0 and negate_coef < float("inf")):
-        raise ConfigError(f"negate_coef must be a finite number >= 0, got {negate_coef}")
+        raise ConfigError(f"`negate_coef` must be a finite number >= 0, got {negate_coef}")
     dropped = tuple(t for t in sorted(available) if t not in set(kept) | set(negate))
     return CompositionPlan(
         tasks=tuple(kept),

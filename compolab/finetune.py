@@ -25,9 +25,10 @@ from tqdm.auto import tqdm
 
 from compolab.compose import ComposedForward
 from compolab.data import Task
-from compolab.distributed import Runtime, current_world, shard_weight, train_loader, wrap_data_parallel
+from compolab.distributed import current_world, shard_weight, train_loader, wrap_data_parallel
 from compolab.errors import ConfigError, TrainingDiverged
 from compolab.heads import new_head
+from compolab.runtime import Runtime
 from compolab.task_vector import TaskVector
 from compolab.tuning import STYLES, TaskModule
 
@@ -68,14 +69,14 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         if self.style not in STYLES:
-            raise ConfigError(f"unknown tuning style {self.style!r}; choose one of {sorted(STYLES)}")
+            raise ConfigError(f"`style` {self.style!r} is not a tuning style; choose one of {sorted(STYLES)}")
         for f in ("rank", "epochs", "batch_size", "accumulate"):
             if getattr(self, f) <= 0:
-                raise ConfigError(f"FinetuneConfig.{f} must be > 0, got {getattr(self, f)}")
+                raise ConfigError(f"FinetuneConfig `{f}` must be > 0, got {getattr(self, f)}")
         if not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"FinetuneConfig.lr must be > 0 and finite, got {self.lr}")
+            raise ConfigError(f"FinetuneConfig `lr` must be > 0 and finite, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
-            raise ConfigError(f"FinetuneConfig.weight_decay must be >= 0 and finite, "
+            raise ConfigError(f"FinetuneConfig `weight_decay` must be >= 0 and finite, "
                               f"got {self.weight_decay}")
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"FinetuneConfig.seed must be in [0, 2**32), got {self.seed}")
@@ -185,8 +186,7 @@ def train_loop(
     offset: int = 0,
     desc: str = "train",
     progress: bool | None = False,
-    device: str | torch.device = "cpu",
-    runtime: Runtime | None = None,
+    runtime: Runtime | str | torch.device | None = None,
 ) -> list[dict]:
     r"""``cfg.epochs`` passes over ``loader``: the one training loop of fine-tuning and TMC.
 
@@ -223,8 +223,8 @@ def train_loop(
         offset: Subtracted from the labels (the first label of the task).
         desc: Names the task in the progress bar and in errors.
         progress: Show a progress bar.
-        device: Where the batches go (ignored when ``runtime`` is given).
-        runtime: Device, autocast and compile (:class:`~compolab.distributed.Runtime`).
+        runtime: Device, autocast and compile (:class:`~compolab.runtime.Runtime`), or a device
+            (float32 there); default the CPU.
 
     Returns:
         One dict per epoch: ``epoch``, mean ``loss``, mean ``penalty``, ``train_accuracy`` (%).
@@ -233,7 +233,7 @@ def train_loop(
         TrainingDiverged: If a loss or penalty becomes NaN or infinite (checked at every optimiser
             step, one device synchronisation per step).
     """
-    runtime = runtime or Runtime(torch.device(device))
+    runtime = Runtime.of(runtime)
     device, world = runtime.device, current_world()
     network = wrap_data_parallel(_Network(model, head), device)
     forward = torch.compile(network) if runtime.compile else network
@@ -310,8 +310,7 @@ def finetune_task(
     penalty: Callable[[TaskModule, nn.Linear], Tensor] | None = None,
     decoupled: bool = False,
     progress: bool | None = False,
-    device: str | torch.device = "cpu",
-    runtime: Runtime | None = None,
+    runtime: Runtime | str | torch.device | None = None,
 ) -> FinetuneResult:
     r"""Train τ_t and h_t on one task, at :math:`\theta_0 + \sum_s w_s\tau_s + w\,\tau_t`.
 
@@ -331,8 +330,8 @@ def finetune_task(
             (coupled), or applied by :func:`decoupled_penalty_step` at every optimiser step.
         decoupled: Apply the penalty as the paper's separate SGD step.
         progress: Show a progress bar.
-        device: Where to train (ignored when ``runtime`` is given).
-        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.distributed.Runtime`).
+        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.runtime.Runtime`),
+            or a device (float32 there); default the CPU.
 
     Returns:
         The trained module, head and per-epoch history (loss, penalty, train accuracy).
@@ -341,7 +340,7 @@ def finetune_task(
         TrainingDiverged: If a loss becomes NaN or infinite.
     """
     t0 = time.time()
-    runtime = runtime or Runtime(torch.device(device))
+    runtime = Runtime.of(runtime)
     gen = torch.Generator().manual_seed(cfg.seed)
     if module is None:
         module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from compolab.distributed import accumulation_dtype
 from compolab.errors import ConfigError
 from compolab.fisher_store import PAPER_FISHER_FLOOR, DiagonalFisher, FisherAccumulator
 from compolab.models import tuned_weight_names
@@ -36,6 +35,7 @@ from compolab.per_sample import (
     generic_squared_grads,
     linear_squared_grads,
 )
+from compolab.runtime import accumulation_dtype
 
 __all__ = ["PAPER_FISHER_FLOOR", "KINDS", "DiagonalFisher", "FisherAccumulator", "diagonal_fisher"]
 

@@ -241,7 +241,7 @@ class FolderLock:
             os.close(self._fd)
             self._fd = None
             raise CompolabError(f"another run holds {folder} (locked); wait for it or choose another "
-                                "--out") from None
+                                "`out`") from None
 
     def release(self) -> None:
         if self._fd is not None:

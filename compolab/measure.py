@@ -17,12 +17,11 @@ from torch import nn
 
 from compolab.data import Benchmark, make_loader
 from compolab.editing import plan_composition
+from compolab.errors import CompolabError
 from compolab.evaluate import evaluate_tasks, final_average
-from compolab.methods import get_method
-from compolab.models import fingerprint, theta0_of
-from compolab.pool import Pool
-from compolab.run import load_results, open_pool_world
+from compolab.runfolder import load_results
 from compolab.tables import RunRecord
+from compolab.workspace import open_pool
 
 __all__ = ["read_run", "measure_edits", "composed_accuracy"]
 
@@ -43,16 +42,10 @@ def read_run(out: str | Path, edits: dict | None = None) -> RunRecord:
 
 def _open(run_dir: str | Path, backbone: nn.Module | None, bench: Benchmark | None, device: str):
     """The method, θ0, benchmark and entries of a run's pool (θ0 and data from its manifest by default)."""
-    pool = Pool.open(Path(run_dir) / "pool")
-    method = get_method(pool.manifest["method"])
-    if backbone is None or bench is None:
-        own_backbone, _, own_bench = open_pool_world(pool)
-        backbone = own_backbone if backbone is None else backbone
-        bench = own_bench if bench is None else bench
-    backbone = backbone.to(device).eval().requires_grad_(False)
-    theta0 = theta0_of(backbone)
-    entries = pool.load_all(theta0_sha256=fingerprint(backbone), theta0=theta0)
-    return method, backbone, theta0, bench, entries
+    opened = open_pool(Path(run_dir) / "pool", bench=bench, backbone=backbone, runtime=device)
+    if opened.method is None:
+        raise CompolabError(f"{opened.pool.root} names no method: the editing tables measure a run's pool")
+    return opened.method, opened.backbone, opened.theta0, opened.bench, opened.entries
 
 
 def _outputs(model: nn.Module, bench: Benchmark, tasks: Sequence[int], device, batch_size: int = 256) -> dict:

@@ -41,8 +41,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from compolab.distributed import accumulation_dtype
 from compolab.errors import ConfigError
+from compolab.runtime import accumulation_dtype
 
 __all__ = [
     "default_chunk",

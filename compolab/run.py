@@ -32,20 +32,20 @@ import torch
 from torch import nn
 
 from compolab.config import get_preset, load_benchmark_for, load_theta0, preset_configs
-from compolab.data import Benchmark, TinyWorldConfig, tiny_benchmark
-from compolab.distributed import Runtime
+from compolab.data import Benchmark
 from compolab.editing import plan_composition
-from compolab.errors import CompolabError, ConfigError, TrainingDiverged
+from compolab.errors import ConfigError, TrainingDiverged
 from compolab.evaluate import evaluate_tasks
 from compolab.finetune import FinetuneConfig
-from compolab.io import fault, read_json
+from compolab.io import fault
 from compolab.methods import DEFAULT_METHOD, MethodConfig, TaskContext, get_method
 from compolab.methods.state import saved_generations, state_path
 from compolab.models import fingerprint, theta0_of, tuned_weight_names
 from compolab.pool import Pool, PoolEntry
-from compolab.runfolder import RunFolder, check_out
+from compolab.runfolder import RunFolder, check_out, load_results
+from compolab.runtime import Runtime
 
-__all__ = ["TASK_POINTS", "RunConfig", "run_config", "run", "follow", "load_results", "open_pool_world"]
+__all__ = ["TASK_POINTS", "RunConfig", "run_config", "run", "follow", "load_results"]
 
 #: The kill points of a task t, in order (``COMPOLAB_FAULT="task <t>:<point>"``, :func:`compolab.io.fault`):
 #: trained (nothing saved), saved (module and card written), finished (state written),
@@ -80,7 +80,7 @@ class RunConfig:
         get_method(self.method)  # validates the name
         get_preset(self.preset)  # validates the name
         if self.num_tasks is not None and self.num_tasks <= 0:
-            raise ConfigError(f"num_tasks must be > 0, got {self.num_tasks}")
+            raise ConfigError(f"`num_tasks` must be > 0, got {self.num_tasks}")
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -100,14 +100,6 @@ class RunConfig:
         return cls(**data)
 
 
-def load_results(out: str | Path) -> dict:
-    """The ``results.json`` of a run folder."""
-    path = Path(out) / "results.json"
-    if not path.exists():
-        raise CompolabError(f"{path} not found: no run in {out}")
-    return read_json(path, what="run results")
-
-
 def run(
     cfg: RunConfig,
     out: str | Path,
@@ -116,8 +108,8 @@ def run(
     progress: bool | None = True,
     benchmark: Benchmark | None = None,
     backbone: nn.Module | None = None,
-    device: str | torch.device = "cpu",
-    runtime: Runtime | None = None,
+    runtime: Runtime | str | torch.device | None = None,
+    data_root: str | Path | None = None,
 ) -> dict:
     """Train ``cfg.method`` on every task of the benchmark; returns the results dict.
 
@@ -128,9 +120,11 @@ def run(
         progress: Show progress bars.
         benchmark: Use this benchmark instead of the preset's (tests, notebooks).
         backbone: Use this θ0 instead of the preset's.
-        device: Training device (ignored when ``runtime`` is given).
-        runtime: Device, precision, physical batch, workers (:class:`~compolab.distributed.Runtime`).
-            Under ``torchrun`` this is rank 0's call; the other ranks call :func:`follow`.
+        runtime: Device, precision, physical batch, workers (:class:`~compolab.runtime.Runtime`), or a
+            device (float32 there); default the CPU. Under ``torchrun`` this is rank 0's call; the
+            other ranks call :func:`follow`.
+        data_root: The folder of the real datasets (default: the preset's, ``$COMPOLAB_DATA`` or
+            ``./data``); not part of the config, so a moved dataset resumes the same run.
 
     Raises:
         ConfigError: Before any training, for a bad config, an empty task, an ``out`` that is
@@ -141,8 +135,8 @@ def run(
     out = Path(out)
     config_json = json.loads(json.dumps(cfg.to_json()))  # as config.json reads back
     check_out(out, config_json, resume)  # before the expensive set-up; again under the lock
-    runtime = runtime or Runtime(torch.device(device))
-    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device)
+    runtime = Runtime.of(runtime)
+    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device, data_root)
     sha = fingerprint(theta0_model)
     folder = RunFolder.open(out, config_json, resume)
     try:
@@ -218,14 +212,15 @@ def _run_tasks(
 
 
 def _run_world(
-    cfg: RunConfig, benchmark: Benchmark | None, backbone: nn.Module | None, device: torch.device
-) -> tuple[Benchmark, nn.Module, dict, list[str]]:
+    cfg: RunConfig, benchmark: Benchmark | None, backbone: nn.Module | None, device: torch.device,
+    data_root: str | Path | None = None,
+) -> tuple[Benchmark, nn.Module, dict, list[str]]:  # fmt: skip
     """The benchmark (its first ``cfg.num_tasks`` tasks) and θ0 of a run, θ0 frozen on ``device``."""
-    preset = get_preset(cfg.preset)
+    preset = get_preset(cfg.preset, **({"data_root": str(data_root)} if data_root is not None else {}))
     bench = benchmark if benchmark is not None else load_benchmark_for(preset, cfg.dataset)
     if cfg.num_tasks is not None:
         if cfg.num_tasks > bench.num_tasks:
-            raise ConfigError(f"--tasks {cfg.num_tasks}: {bench.name!r} has {bench.num_tasks} tasks")
+            raise ConfigError(f"`num_tasks` {cfg.num_tasks}: {bench.name!r} has {bench.num_tasks} tasks")
         n = cfg.num_tasks
         bench = Benchmark(bench.name, bench.tasks[:n], bench.class_names[: bench.offsets[n]], bench.info)
     for task in bench.tasks:
@@ -243,7 +238,8 @@ def follow(
     resume: bool = False,
     benchmark: Benchmark | None = None,
     backbone: nn.Module | None = None,
-    runtime: Runtime | None = None,
+    runtime: Runtime | str | torch.device | None = None,
+    data_root: str | Path | None = None,
 ) -> None:
     """The part of a ``torchrun`` rank other than 0 in :func:`run`: the same training, no file.
 
@@ -252,8 +248,8 @@ def follow(
     committed, and neither evaluates nor writes anything.
     """
     out = Path(out)
-    runtime = runtime or Runtime()
-    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device)
+    runtime = Runtime.of(runtime)
+    bench, theta0_model, theta0, names = _run_world(cfg, benchmark, backbone, runtime.device, data_root)
     committed = load_results(out) if resume and (out / "results.json").exists() else None
     done = len(committed["accuracy_matrix"]) if committed else 0
     method = get_method(cfg.method)
@@ -311,56 +307,3 @@ def run_config(
     mc = replace(mc, ablation=ablation, **{k: v for k, v in mc_changes.items() if v is not None})
     return RunConfig(method=method, preset=p.name, dataset=dataset, finetune=ft, method_cfg=mc,
                      checkpoint=checkpoint, num_tasks=num_tasks)  # fmt: skip
-
-
-def open_pool_world(pool: Pool, *, load_data: bool = True) -> tuple[nn.Module, dict, Benchmark | None]:
-    """θ0 and the benchmark a pool was trained on, from its manifest (``compolab compose``).
-
-    Nothing is downloaded: the paper preset's θ0 must already be in the local timm / Hugging Face
-    cache (``compolab train --preset paper`` puts it there) or be a checkpoint file.
-
-    Raises:
-        CompolabError: One line, before any weights are loaded for a bad benchmark description;
-            then if θ0 is not local, or the backbone in use is not the pool's θ0.
-    """
-    m = pool.manifest
-    preset = get_preset(m.get("preset", "tiny"))
-    world = _manifest_world(pool) if load_data else None
-    backbone = _local_theta0(preset, m.get("checkpoint")).eval().requires_grad_(False)
-    if fingerprint(backbone) != m["theta0_sha256"]:
-        raise CompolabError(f"{pool.root} was trained from another backbone than {preset.name}'s θ0")
-    bench = None
-    if load_data:
-        info = m.get("benchmark", {})
-        bench = tiny_benchmark(world) if world is not None else load_benchmark_for(preset, info.get("name"))
-    return backbone, theta0_of(backbone), bench
-
-
-def _manifest_world(pool: Pool) -> TinyWorldConfig | None:
-    """The tiny world of a pool's manifest, checked (None for a real dataset)."""
-    info = pool.manifest.get("benchmark", {})
-    if info.get("name") != "tiny":
-        return None
-    try:
-        return TinyWorldConfig(**info.get("config", {}))
-    except (TypeError, ValueError) as e:  # unknown / missing fields, bad values
-        raise CompolabError(f"{pool.root / 'pool.json'}: bad tiny benchmark config ({e})") from None
-
-
-def _local_theta0(preset, checkpoint: str | None) -> nn.Module:
-    """θ0 of a preset from local files only: the paper's ViT from the timm cache, never downloaded."""
-    if preset.name != "paper" or checkpoint is not None:
-        return load_theta0(preset, checkpoint)
-    import timm
-    from huggingface_hub import try_to_load_from_cache
-
-    spec = preset.backbone
-    hub_id = timm.models.get_pretrained_cfg(spec.timm_name).hf_hub_id
-    path = try_to_load_from_cache(hub_id, "model.safetensors") if hub_id else None
-    if not isinstance(path, str):
-        raise CompolabError(f"the paper preset's θ0 ({spec.timm_name}) is not in the local Hugging Face "
-                            "cache, and composing never downloads: run `compolab train --preset paper` "
-                            "once (it downloads θ0), or set HF_HOME to the cache that holds it")  # fmt: skip
-    model = timm.create_model(spec.timm_name, pretrained=True, pretrained_cfg_overlay={"file": path},
-                              num_classes=0, img_size=spec.img_size)  # fmt: skip
-    return model.eval()

@@ -34,7 +34,7 @@ from pathlib import Path
 from compolab.errors import CompolabError, ConfigError
 from compolab.io import FolderLock, clean_temporaries, file_sha256, is_temporary, read_json, write_json
 
-__all__ = ["RunFolder", "check_out"]
+__all__ = ["RunFolder", "check_out", "load_results"]
 
 #: The files of a task in ``pool/`` and ``state/``: kept on resume only when committed.
 _TASK_FILE = re.compile(r"^(task|after)_\d{3,}\.(json|safetensors)$")
@@ -73,33 +73,33 @@ def check_out(out: str | Path, config: dict, resume: bool) -> None:
     """
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out {out} is a file, not a folder")
+        raise ConfigError(f"`out` {out} is a file, not a folder")
     if not out.exists():
         if resume:
-            raise ConfigError(f"--resume: {out} does not exist (no run to continue)")
+            raise ConfigError(f"`resume`: {out} does not exist (no run to continue)")
         parent = out.parent
         while not parent.exists() and parent != parent.parent:
             parent = parent.parent
         if not parent.is_dir():
-            raise ConfigError(f"cannot create --out {out}: {parent} is a file, not a folder")
+            raise ConfigError(f"cannot create `out` {out}: {parent} is a file, not a folder")
         if not os.access(parent, os.W_OK | os.X_OK):
-            raise ConfigError(f"cannot create --out {out}: {parent} is not writable")
+            raise ConfigError(f"cannot create `out` {out}: {parent} is not writable")
         return
     if not os.access(out, os.W_OK | os.X_OK):
-        raise ConfigError(f"--out {out} is not writable")
+        raise ConfigError(f"`out` {out} is not writable")
     cfg_path = out / "config.json"
     if not resume:
         if cfg_path.exists():
-            raise ConfigError(f"{out} already holds a run; pass --resume to continue it, or another --out")
+            raise ConfigError(f"{out} already holds a run; pass `resume` to continue it, or another `out`")
         if any(not _own(p) for p in out.iterdir()):
             raise ConfigError(f"{out} is not empty and holds no run (no config.json); choose a new or "
-                              "empty --out")  # fmt: skip
+                              "empty `out`")  # fmt: skip
         return
     if not cfg_path.exists():
-        raise ConfigError(f"--resume: {out} holds no run (no config.json)")
+        raise ConfigError(f"`resume`: {out} holds no run (no config.json)")
     previous = read_json(cfg_path, what="run config")
     if previous != config:
-        raise ConfigError(f"--resume: {out} was made with another config "
+        raise ConfigError(f"`resume`: {out} was made with another config "
                           f"(fields differ: {_diff_fields(previous, config)})")  # fmt: skip
 
 
@@ -136,7 +136,7 @@ class RunFolder:
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise ConfigError(f"cannot create --out {root}: {e.strerror or e}") from None
+            raise ConfigError(f"cannot create `out` {root}: {e.strerror or e}") from None
         lock = FolderLock(root)  # never removed by a run that did not get it
         folder = cls(root, lock)
         try:
@@ -232,3 +232,11 @@ def _remove_if_empty(root: Path) -> None:
             root.rmdir()
     except OSError:
         pass
+
+
+def load_results(out: str | Path) -> dict:
+    """The ``results.json`` of a run folder."""
+    path = Path(out) / "results.json"
+    if not path.exists():
+        raise CompolabError(f"{path} not found: no run in {out}")
+    return read_json(path, what="run results")

@@ -37,13 +37,14 @@ from torch import Tensor, nn
 
 from compolab.compose import merge
 from compolab.data import Task
-from compolab.distributed import Runtime, train_loader
+from compolab.distributed import train_loader
 from compolab.editing import CompositionPlan
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, FinetuneResult, physical_batch, train_loop
 from compolab.heads import IncrementalHead
 from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized
 from compolab.pool import PoolEntry
+from compolab.runtime import Runtime
 from compolab.task_vector import TaskVector, uniform_coefs
 from compolab.tuning import TaskModule
 
@@ -164,8 +165,7 @@ def train_component(
     names: Sequence[str],
     module: TaskModule | None = None,
     progress: bool | None = False,
-    device: str | torch.device = "cpu",
-    runtime: Runtime | None = None,
+    runtime: Runtime | str | torch.device | None = None,
 ) -> FinetuneResult:
     r"""Train one TMC component on one task through the linearised model.
 
@@ -180,8 +180,8 @@ def train_component(
         names: Target weights of the module.
         module: Start from this module (default: a fresh one, τ = 0).
         progress: Show a progress bar.
-        device: Where to train (ignored when ``runtime`` is given).
-        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.distributed.Runtime`).
+        runtime: Device, autocast, physical batch, loader workers (:class:`~compolab.runtime.Runtime`),
+            or a device (float32 there); default the CPU.
 
     Returns:
         The trained module, the head tangent as an ``nn.Linear`` (weight ΔW, bias Δb), the
@@ -192,7 +192,7 @@ def train_component(
     """
     t0 = time.time()
     cfg = cfg if cfg is not None else FinetuneConfig()
-    runtime = runtime or Runtime(torch.device(device))
+    runtime = Runtime.of(runtime)
     gen = torch.Generator().manual_seed(cfg.seed)
     if module is None:
         module = TaskModule.create(cfg.style, theta0, names, rank=cfg.rank, generator=gen)

@@ -16,7 +16,7 @@ def _run(capsys, *argv):
 @pytest.mark.parametrize(
     "argv, needle",
     [
-        (["world", "--preset", "huge"], "unknown preset 'huge'"),
+        (["world", "--preset", "huge"], "--preset 'huge' is unknown"),
         (["data", "--dataset", "imagenet-9000"], "imagenet-9000"),
         (["world", "--time", "-5"], "must be > 0"),
         (["world", "--size", "0"], "must be > 0"),
@@ -67,7 +67,7 @@ def test_console_entry_point_has_no_traceback():
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "compolab: error: unknown preset 'nope'; choose one of ['paper', 'tiny']"
+        "compolab: error: --preset 'nope' is unknown; choose one of ['paper', 'tiny']"
     ]
 
 

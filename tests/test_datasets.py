@@ -173,7 +173,7 @@ def test_cifar100_missing_says_where_and_how_to_download(tmp_path):
         load_benchmark("cifar100", tmp_path)
     message = str(err.value)
     assert "cifar-100-python" in message and str(tmp_path) in message
-    assert "--download" in message and "\n" not in message
+    assert "`download`" in message and "\n" not in message
 
 
 def test_cifar100_download_goes_through_torchvision(tmp_path, fake_md5, monkeypatch):
@@ -360,5 +360,5 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, argument):
 
 def test_cifar100_corrupted_files_say_how_to_fix(tmp_path):
     write_fake_cifar100(tmp_path)  # real torchvision MD5 check: the fake files fail it
-    with pytest.raises(DataNotFoundError, match="--download"):
+    with pytest.raises(DataNotFoundError, match="`download`"):
         load_benchmark("cifar100", tmp_path, img_size=SIZE)

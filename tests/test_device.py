@@ -8,12 +8,12 @@ from conftest import SMALL_SPEC
 from torch import nn
 
 from compolab.cli import main
-from compolab.distributed import Runtime, accumulation_dtype, resolve_device, resolve_precision
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, finetune_task, physical_batch
 from compolab.fisher import diagonal_fisher
 from compolab.heads import new_head
 from compolab.models import make_backbone, theta0_of, tuned_weight_names
+from compolab.runtime import Runtime, accumulation_dtype, resolve_device, resolve_precision
 
 CPU = torch.device("cpu")
 
@@ -151,7 +151,7 @@ def test_cuda_training_step_bf16_matches_fp32_closely(bench):
 @pytest.mark.gpu
 def test_cuda_bench_step_reports_mfu_on_a_known_gpu():
     from compolab.bench import bench_step
-    from compolab.distributed import peak_flops
+    from compolab.runtime import peak_flops
 
     result = bench_step(runtime=Runtime.resolve("cuda"), repeats=2, steps=2)
     assert result["images_per_s"]["plain"] > 0 and result["precision"] == "bf16"

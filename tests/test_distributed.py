@@ -64,6 +64,7 @@ def _modules(folder: Path) -> list[dict[str, torch.Tensor]]:
     return [load_file(folder / "pool" / f"task_{t:03d}.safetensors") for t in (0, 1)]
 
 
+@pytest.mark.slow  # torchrun: ≈ 100 s of 2 cores; in `make test`, not `make check`
 def test_torchrun_ddp_trains_one_module_like_one_process(runs):
     """IEL under torchrun: each module trains data-parallel (DDP, 2 ranks × 32 images per step).
 
@@ -83,6 +84,7 @@ def test_torchrun_ddp_trains_one_module_like_one_process(runs):
     assert b["accuracy_matrix"] == a["accuracy_matrix"]
 
 
+@pytest.mark.slow  # torchrun: ≈ 100 s of 2 cores; in `make test`, not `make check`
 def test_torchrun_trains_ita_modules_on_separate_ranks_bit_identically(runs):
     """ITA's τ_t never depends on τ_s: task t trains on rank t mod 2; same seeds, same operations."""
     (single, a), (parallel, b) = runs["ita", 1], runs["ita", 2]
@@ -95,6 +97,7 @@ def test_torchrun_trains_ita_modules_on_separate_ranks_bit_identically(runs):
     assert cards[0]["metrics"]["history"] == cards[1]["metrics"]["history"]
 
 
+@pytest.mark.slow  # torchrun: ≈ 100 s of 2 cores; in `make test`, not `make check`
 def test_torchrun_probe_splits_points_over_ranks(runs, tmp_path):
     pool = runs["ita", 1][0] / "pool"
     curves = []

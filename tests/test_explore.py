@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import nn
 
+from compolab.bench.explore import bench_explore, random_parts
 from compolab.compose import merge
 from compolab.errors import ConfigError
 from compolab.explore import Edit, Explorer, ExplorerWidget, LambdaWidget, Quadratic
-from compolab.explore.bench import bench_explore, random_parts
 from compolab.explore.canvas import Throttled
 from compolab.explore.stem import split_stem
 from compolab.fisher_store import DiagonalFisher
@@ -297,17 +297,14 @@ def small_pool(tmp_path_factory):
 def test_from_pool_agrees_with_the_kits_editing(small_pool, plan_args, edit):
     from compolab.editing import compose_pool, plan_composition
     from compolab.evaluate import evaluate_tasks
-    from compolab.pool import Pool
-    from compolab.run import open_pool_world
+    from compolab.workspace import open_pool
 
     path, bench = small_pool
     explorer = Explorer.from_pool(path, per_task=1000)  # every test image of each task
-    pool = Pool.open(path)
-    backbone, theta0, _ = open_pool_world(pool, load_data=False)
-    entries = pool.load_all(theta0_sha256=pool.manifest["theta0_sha256"], theta0=theta0)
-    plan = plan_composition(pool.tasks(), **plan_args)
-    model, head = compose_pool(backbone, theta0, entries, plan)
-    expected = evaluate_tasks(model, head, bench, pool.tasks(), split="test")
+    opened = open_pool(path, load_data=False)
+    plan = plan_composition(opened.tasks, **plan_args)
+    model, head = compose_pool(opened.backbone, opened.theta0, opened.entries, plan)
+    expected = evaluate_tasks(model, head, bench, opened.tasks, split="test")
     assert explorer.evaluate(edit).accuracy == expected
 
 

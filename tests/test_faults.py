@@ -160,6 +160,7 @@ def test_a_second_run_on_a_held_folder_is_refused(tmp_path, small):
     assert sorted(p.name for p in out.iterdir()) == [".lock"]
 
 
+@pytest.mark.slow  # two processes training side by side: ≈ 16 s
 def test_two_runs_started_together_do_not_mix(tmp_path, small, reference):
     out = tmp_path / "run"
     arg = json.dumps([asdict(WORLD), asdict(SPEC), CFG.to_json(), str(out)])

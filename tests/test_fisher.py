@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from reference import fisher_reference
+from reference_fisher import official_loop_fisher
 from torch import nn
 
 from compolab.errors import CompolabError, ConfigError
@@ -96,6 +97,20 @@ def test_exact_fisher_of_mlp_equals_reference(mlp, class_chunk):
     fisher = diagonal_fisher(backbone, head, loader, names=names, include_head=True, class_chunk=class_chunk)
     _assert_matches(fisher, reference)
     assert list(diagonal_fisher(backbone, head, loader).values) == ["0.weight", "2.weight"]
+
+
+@pytest.mark.parametrize("model", ["vit", "mlp"])
+def test_exact_fisher_equals_the_official_per_class_loop(model, request):
+    """On tokens (ViT) and on flat inputs (MLP): the kit's batched Fisher is the official hooked loop's,
+    and that loop computes the brute-force reference's quantity."""
+    backbone, head, loader, reference = request.getfixturevalue(model)
+    x = torch.cat([batch[0] for batch in loader])
+    names = tuned_weight_names(backbone) if model == "vit" else ["0.weight", "2.weight"]  # the MLP's Linears
+    official = official_loop_fisher(backbone, head, x, names)
+    assert list(official) == names
+    _assert_matches(diagonal_fisher(backbone, head, loader, names=names), official)
+    for name in names:
+        torch.testing.assert_close(official[name], reference[name], **TIGHT, msg=name)
 
 
 class _SharedLinear(nn.Module):

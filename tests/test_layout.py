@@ -19,18 +19,19 @@ ROOT = Path(__file__).resolve().parents[1] / "compolab"
 #: Bottom to top: a module imports only from its own layer or a lower one. A name ending in ".*"
 #: covers a package and every module in it.
 LAYERS: list[set[str]] = [
-    {"errors", "io", "plotting", "distributed"},
+    {"errors", "io", "plotting", "runtime"},
+    {"distributed"},
     {"world", "heads", "per_sample", "task_vector"},
     {"data", "models", "tuning", "fisher_store"},
     {"datasets", "linear_probe", "pretrain", "fisher", "compose", "pool", "linearize", "evaluate"},
     {"curvature", "editing", "finetune"},
     {"tmc"},
     {"methods.*"},
-    {"config"},
-    {"run", "runfolder"},
-    {"probes.*", "tables", "measure"},
+    {"config", "runfolder"},
+    {"run", "workspace"},
+    {"probes.*", "tables.*", "measure"},
     {"explore.*"},
-    {"bench", "cli", "reproduce"},
+    {"bench.*", "reproduce.*", "cli.*"},
     {""},  # compolab/__init__.py: the public API
 ]
 
@@ -144,8 +145,9 @@ def test_method_modules_stay_under_300_lines(path):
 
 
 #: Quoted method names allowed outside ``compolab/methods/``: ``compolab bench tmc`` (a CLI
-#: choice) and the name of the card field where a TMC pool keeps its base-head seed (stored format).
-ALLOWED = {("cli.py", "tmc"), ("tmc.py", "tmc")}
+#: choice, and the benchmark it picks) and the name of the card field where a TMC pool keeps its
+#: base-head seed (stored format).
+ALLOWED = {("cli/parser.py", "tmc"), ("cli/commands.py", "tmc"), ("tmc.py", "tmc")}
 
 
 def test_no_method_name_is_quoted_outside_methods():
@@ -164,4 +166,78 @@ def test_no_method_name_is_quoted_outside_methods():
                 continue
             if value in names and (rel, value) not in ALLOWED:
                 found.append(f"{rel}:{tok.start[0]}: {tok.string}")
+    assert found == []
+
+
+# --------------------------------------------------------------------------- the read side
+
+CLI = ROOT / "cli" / "commands.py"
+
+
+def _cli_function_imports(function: str) -> set[str]:
+    """The kit modules a function of ``cli/commands.py`` imports, with those of the helpers it calls
+    (``_runtime``, ...), followed to the end."""
+    tree = ast.parse(CLI.read_text(encoding="utf-8"))
+    functions = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    modules = _modules()
+    seen, todo, found = set(), [function], set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for node in ast.walk(functions[name]):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("compolab"):
+                base = node.module[len("compolab.") :] if node.module != "compolab" else ""
+                subs = [f"{base}.{a.name}".strip(".") for a in node.names]
+                found.update([s for s in subs if s in modules] or [base])
+            elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in functions:
+                todo.append(node.func.id)
+    return found
+
+
+def _reached(graph: dict[str, set[str]], starts: set[str]) -> set[str]:
+    """Every module reached from ``starts`` along imports (function-level ones included)."""
+    reached, todo = set(), list(starts)
+    while todo:
+        node = todo.pop()
+        if node not in reached:
+            reached.add(node)
+            todo.extend(graph.get(node, ()))
+    return reached
+
+
+@pytest.mark.parametrize("command", ["cmd_compose", "cmd_probe"])
+def test_reading_a_pool_from_the_cli_never_enters_the_run_driver(command):
+    starts = _cli_function_imports(command)
+    reached = _reached(import_graph(), starts)
+    assert "workspace" in reached and "pool" in reached  # the walk is real: it reads a pool
+    assert "run" not in reached and "" not in reached, sorted(reached)
+
+
+@pytest.mark.parametrize("module", ["workspace", "measure", "probes.command", "explore.engine"])
+def test_the_read_side_never_enters_the_run_driver(module):
+    reached = _reached(import_graph(), {module})
+    assert "run" not in reached and "" not in reached, sorted(reached)
+
+
+def test_the_cli_walk_follows_helpers():
+    assert "distributed" in _cli_function_imports("cmd_probe")  # through the helper _finish_ranks
+    assert "run" in _cli_function_imports("cmd_train")  # training does enter the driver
+
+
+@pytest.mark.parametrize("path", sorted(ROOT.rglob("*.py")), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_no_module_over_400_lines(path):
+    assert len(path.read_text(encoding="utf-8").splitlines()) <= 400
+
+
+def test_no_notebook_calls_the_cli():
+    """Notebooks call the library (``compose_and_evaluate``, ``run``), never ``cli.main``."""
+    import json
+
+    found = []
+    for nb in sorted((ROOT.parent / "notebooks").glob("*.ipynb")):
+        for i, cell in enumerate(json.loads(nb.read_text(encoding="utf-8"))["cells"]):
+            if cell["cell_type"] == "code" and "cli.main" in "".join(cell["source"]):
+                found.append(f"{nb.name} cell {i}")
     assert found == []

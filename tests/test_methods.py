@@ -158,7 +158,7 @@ def test_only_tmc_is_linearised():
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(ConfigError, match=r"unknown method 'magic'; choose one of \['ita', 'iel'"):
+    with pytest.raises(ConfigError, match=r"`method` 'magic' is unknown; choose one of \['ita', 'iel'"):
         get_method("magic")
 
 

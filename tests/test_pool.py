@@ -129,8 +129,8 @@ def test_atomic_save_leaves_no_temporary_file(pool, backbone, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"tasks": [0, 7]}, "unknown task id(s) [7] in --tasks"),
-        ({"drop": [5]}, "unknown task id(s) [5] in --drop"),
+        ({"tasks": [0, 7]}, "unknown task id(s) [7] in `tasks`"),
+        ({"drop": [5]}, "unknown task id(s) [5] in `drop`"),
         ({"coefs": [0.5]}, "got 1 weights for 3 composed tasks"),
         ({"drop": [0, 1, 2]}, "nothing left"),
         ({"negate": [1]}, "both composed and negated"),

@@ -16,7 +16,8 @@ from compolab.measure import measure_edits, read_run
 from compolab.methods import get_method
 from compolab.models import fingerprint, theta0_of
 from compolab.pool import Pool
-from compolab.reproduce import ReproduceConfig, _record_notebook, plan, reproduce
+from compolab.reproduce import ReproduceConfig, plan, reproduce
+from compolab.reproduce.schedule import _record_notebook
 from compolab.run import RunConfig, load_results, run
 from compolab.tables import RunRecord, Stat, composition_table, specialization_table, unlearning_table
 
@@ -296,7 +297,7 @@ def test_an_unfinished_run_is_not_read(tmp_path, bench, backbone):
 
 
 def test_table_methods_are_labelled_and_the_claim_rows_are_editable():
-    from compolab.methods import CLAIM_METHODS, TABLE_METHODS
+    from compolab.tables import CLAIM_METHODS, TABLE_METHODS
 
     assert all(get_method(m).label for m in TABLE_METHODS)
     assert set(CLAIM_METHODS) <= set(TABLE_METHODS) and all(get_method(m).editable for m in CLAIM_METHODS)
@@ -347,7 +348,8 @@ def test_notebooks_wait_for_the_tables_they_read_and_are_cached_by_code(tmp_path
 
 
 def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch):
-    import compolab.reproduce as rp
+    import compolab.reproduce.schedule as rp
+    import compolab.tables.write as tw
 
     cfg = ReproduceConfig(methods=("ita", "naive"), styles=("full",), seeds=1, notebooks=None,
                           cache=str(tmp_path / "c"), out=str(tmp_path / "f"))  # fmt: skip
@@ -363,7 +365,7 @@ def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch)
         name = Path(out).name.split("-s0")[0]
         return RunRecord(name.split("-")[0], "full", ablation.get(name, "none"), 0, fa[name], edits, str(out))
 
-    monkeypatch.setattr(rp, "read_run", fake_read_run)
+    monkeypatch.setattr(tw, "read_run", fake_read_run)
     rp.write_tables(cfg, plan(cfg))
     md = (tmp_path / "f" / "tables" / "composition.md").read_text()
     assert "| ITA without Eq. 12 reg. | 60.0 |" in md and "| naive task arithmetic | 60.0 |" in md

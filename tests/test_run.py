@@ -110,12 +110,12 @@ def test_nan_loss_stops_with_the_pool_intact(tmp_path, bench, backbone, monkeypa
 @pytest.mark.parametrize(
     "kwargs, needle",
     [
-        ({"method": "magic"}, "unknown method 'magic'"),
-        ({"method": "ita", "tuning": "prefix"}, "unknown tuning style 'prefix'"),
-        ({"method": "ita", "alpha": -1.0}, "alpha must be >= 0"),
-        ({"method": "iel", "beta": -0.5}, "beta must be >= 0"),
-        ({"method": "ita", "ablation": "half"}, "unknown ablation"),
-        ({"method": "ita", "preset": "medium"}, "unknown preset"),
+        ({"method": "magic"}, "`method` 'magic' is unknown"),
+        ({"method": "ita", "tuning": "prefix"}, "`style` 'prefix' is not a tuning style"),
+        ({"method": "ita", "alpha": -1.0}, "`alpha` must be >= 0"),
+        ({"method": "iel", "beta": -0.5}, "`beta` must be >= 0"),
+        ({"method": "ita", "ablation": "half"}, "`ablation` 'half' is unknown"),
+        ({"method": "ita", "preset": "medium"}, "`preset` 'medium' is unknown"),
     ],
 )
 def test_bad_config_is_refused_before_training(kwargs, needle):

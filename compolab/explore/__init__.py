@@ -8,7 +8,7 @@
   slider and one keep / drop / negate toggle per module, live accuracy bars, the plane, and a λ
   slider along one module (the Taylor parabola and the interpolation curves; :class:`LambdaWidget`,
   :mod:`~compolab.explore.curves`);
-* :func:`bench_explore` (:mod:`~compolab.explore.bench`) — ``compolab bench explore``.
+* :func:`~compolab.bench.bench_explore` (:mod:`~compolab.bench.explore`) — ``compolab bench explore``.
 """
 
 from compolab.explore.curves import LambdaWidget

@@ -28,9 +28,6 @@ from compolab.methods.tangent import TMC
 __all__ = [
     "METHODS",
     "DEFAULT_METHOD",
-    "TABLE_METHODS",
-    "CLAIM_METHODS",
-    "SAME_RUN",
     "get_method",
     "Method",
     "MergedMethod",
@@ -52,15 +49,6 @@ METHODS: dict[str, Method] = {
 }
 #: The method of a :class:`~compolab.run.RunConfig` that names none.
 DEFAULT_METHOD = "ita"
-#: Rows of the kit's tables (``compolab.tables``, ``compolab reproduce``), in order: the paper's
-#: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
-TABLE_METHODS: tuple[str, ...] = ("ita", "iel", "tmc", "naive", "seq", "joint")
-#: Rows of the tables that are one computation, ``(method, ablation) -> (method, ablation)``: ITA
-#: without its penalties is naive task arithmetic (the pre-tuned heads are replaced by freshly
-#: initialised ones in both; ``tests/test_run.py`` checks the modules are bit-identical).
-SAME_RUN: dict[tuple[str, str], tuple[str, str]] = {("ita", "no-reg"): ("naive", "none")}
-#: The methods whose editing claims (unlearning, specialization) the tables assert over seeds.
-CLAIM_METHODS: tuple[str, ...] = ("ita", "iel")
 
 
 def get_method(name: str) -> Method:
@@ -74,5 +62,5 @@ def get_method(name: str) -> Method:
         (True, False)
     """
     if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose one of {list(METHODS)}")
+        raise ConfigError(f"`method` {name!r} is unknown; choose one of {list(METHODS)}")
     return METHODS[name]

@@ -20,13 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from compolab.data import Benchmark
-from compolab.distributed import Runtime
 from compolab.editing import CompositionPlan, compose_pool
 from compolab.errors import ConfigError
 from compolab.finetune import FinetuneConfig, FinetuneResult
 from compolab.heads import IncrementalHead
 from compolab.methods.state import MethodState
 from compolab.pool import PoolEntry
+from compolab.runtime import Runtime
 from compolab.task_vector import TaskVector, uniform_coefs
 
 __all__ = ["ABLATIONS", "MethodConfig", "Method", "MergedMethod", "TaskContext"]
@@ -83,15 +83,15 @@ class MethodConfig:
         for f in ("alpha", "beta", "ewc_lambda", "simple_reg_weight_cls", "pretune_lr"):
             value = getattr(self, f)
             if not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"MethodConfig.{f} must be >= 0 and finite, got {value}")
+                raise ConfigError(f"MethodConfig `{f}` must be >= 0 and finite, got {value}")
         req = self.req_weight_cls
         if req is not None and not (math.isfinite(req) and req >= 0):
-            raise ConfigError(f"MethodConfig.req_weight_cls must be >= 0 and finite, got {req}")
+            raise ConfigError(f"MethodConfig `req_weight_cls` must be >= 0 and finite, got {req}")
         if self.ablation not in ABLATIONS:
-            raise ConfigError(f"unknown ablation {self.ablation!r}; choose one of {list(ABLATIONS)}")
+            raise ConfigError(f"`ablation` {self.ablation!r} is unknown; choose one of {list(ABLATIONS)}")
         for f in ("pretune_epochs", "align_epochs", "align_samples"):
             if getattr(self, f) < 0:
-                raise ConfigError(f"MethodConfig.{f} must be >= 0, got {getattr(self, f)}")
+                raise ConfigError(f"MethodConfig `{f}` must be >= 0, got {getattr(self, f)}")
         if self.fisher_kind not in ("exact", "mc", "empirical"):
             raise ConfigError(f"unknown fisher_kind {self.fisher_kind!r}; choose exact, mc or empirical")
         if self.fisher_top_k is not None and (self.fisher_kind != "exact" or self.fisher_top_k <= 0):
@@ -99,7 +99,7 @@ class MethodConfig:
         for f in ("fisher_samples", "mc_samples"):
             value = getattr(self, f)
             if value is not None and value <= 0:
-                raise ConfigError(f"MethodConfig.{f} must be > 0, got {value}")
+                raise ConfigError(f"MethodConfig `{f}` must be > 0, got {value}")
 
 
 @runtime_checkable
@@ -224,13 +224,12 @@ class TaskContext:
         backbone: θ0's model (frozen).
         theta0: θ0's named parameters.
         names: Target weights of the modules.
-        device: Training device (``runtime.device`` when a runtime is given).
+        runtime: Device, autocast, physical batch, workers (:class:`~compolab.runtime.Runtime`), or
+            a device (float32 there); default the CPU. Always a :class:`Runtime` once built.
         progress: Show progress bars.
         state_dir: Where the state is saved after each task (None: not saved).
         taus: :math:`\\tau_s` of the finished tasks.
         state: The method's state (:meth:`Method.new_state`).
-        runtime: Device, autocast, physical batch, workers (:class:`~compolab.distributed.Runtime`);
-            default: float32 on ``device``.
         ahead: Tasks trained ahead of the driver (ITA's modules trained in parallel across ranks):
             ``t -> (entry, the state a sequential run has after t)``.
     """
@@ -242,20 +241,22 @@ class TaskContext:
     backbone: nn.Module
     theta0: dict[str, Tensor]
     names: list[str]
-    device: str | torch.device = "cpu"
+    runtime: Runtime | str | torch.device | None = None
     progress: bool | None = True
     state_dir: Path | None = None
     taus: dict[int, TaskVector] = field(default_factory=dict)
     state: MethodState = None
-    runtime: Runtime | None = None
     ahead: dict[int, tuple[PoolEntry, MethodState]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.runtime is None:
-            self.runtime = Runtime(torch.device(self.device))
-        self.device = self.runtime.device
+        self.runtime = Runtime.of(self.runtime)
         if self.state is None:
             self.state = self.method.new_state()
+
+    @property
+    def device(self) -> torch.device:
+        """The training device: ``runtime.device``."""
+        return self.runtime.device
 
     def restore(self, entries: Mapping[int, PoolEntry]) -> None:
         """Rebuild τ_s and the state of the finished tasks (``--resume``)."""

@@ -26,7 +26,8 @@ __all__ = ["PROBES", "CURVATURES", "PLOT_SUFFIXES", "check_outputs", "check_task
 
 #: The probes of ``compolab probe``.
 PROBES = ("interpolate", "plane", "jensen")
-#: ``--second-order`` of ``probe interpolate``: the curvature of the prediction, or none.
+#: ``curvature`` of :func:`probe_pool` (``--second-order`` of ``probe interpolate``): the prediction's
+#: curvature, or none.
 CURVATURES = ("none", "fisher", "hessian", "diagonal")
 #: Figure formats of ``--plot``.
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
@@ -40,10 +41,10 @@ def check_outputs(out: str | Path, plot: str | Path | None) -> tuple[Path, Path 
     """
     out_path = Path(out)
     if out_path.suffix != ".json":
-        raise ConfigError(f"--out must name a .json file, got {str(out)!r}")
+        raise ConfigError(f"`out` must name a .json file, got {str(out)!r}")
     plot_path = Path(plot) if plot else None
     if plot_path is not None and plot_path.suffix not in PLOT_SUFFIXES:
-        raise ConfigError(f"--plot must end in one of {', '.join(PLOT_SUFFIXES)}, got {str(plot)!r}")
+        raise ConfigError(f"`plot` must end in one of {', '.join(PLOT_SUFFIXES)}, got {str(plot)!r}")
     for path in (out_path, plot_path):
         if path is not None and not path.parent.is_dir():
             raise ConfigError(f"folder {path.parent} does not exist (for {path.name})")
@@ -60,7 +61,7 @@ def check_tasks(tasks: Sequence[int] | None, available: Sequence[int]) -> list[i
         return list(available)
     tasks = list(tasks)
     if not tasks or len(set(tasks)) != len(tasks) or any(t not in available for t in tasks):
-        raise ConfigError(f"--tasks {','.join(map(str, tasks))}: the pool holds tasks {list(available)}")
+        raise ConfigError(f"`tasks` {','.join(map(str, tasks))}: the pool holds tasks {list(available)}")
     return tasks
 
 
@@ -110,7 +111,7 @@ def probe_pool(
     if kind not in PROBES:
         raise ConfigError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
     if curvature not in CURVATURES:
-        raise ConfigError(f"curvature must be one of {', '.join(CURVATURES)}, got {curvature!r}")
+        raise ConfigError(f"`curvature` must be one of {', '.join(CURVATURES)}, got {curvature!r}")
     if random not in (0, 1, 2):
         raise ConfigError(f"a plane takes 0, 1 or 2 random directions, got {random}")
     out_path, plot_path = check_outputs(out, plot)
@@ -122,7 +123,7 @@ def probe_pool(
         if tasks is None:
             chosen = chosen[: 2 - random]
         if len(chosen) + random != 2:
-            raise ConfigError(f"a plane needs 2 directions: {len(chosen)} module(s) + --random {random}")
+            raise ConfigError(f"a plane needs 2 directions: {len(chosen)} module(s) + `random` {random}")
         steps = 21 if steps is None else steps
         default_lambdas(*span, steps)  # validates the grid
     pp = open_pool_probe(opened, split=split, per_task=per_task, seed=seed, device=device)

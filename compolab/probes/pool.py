@@ -1,19 +1,19 @@
 """A pool on disk, ready to probe: θ0, its modules as task vectors, one head and probe images.
 
-The only module of :mod:`compolab.probes` that reads a run (the benchmark and θ0 from the pool's
-manifest, the saved Fisher from the run's state): it imports the run driver and the methods inside
-:func:`open_pool_probe`, so ``import compolab.probes`` does not load the training stack.
+The only module of :mod:`compolab.probes` that reads a pool: through the kit's read side
+(:func:`compolab.workspace.open_pool`: θ0 and the benchmark from the manifest, the saved Fisher from
+the run's state), imported inside :func:`open_pool_probe`, so ``import compolab.probes`` stays light.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from torch import Tensor, nn
 
 from compolab.errors import ConfigError
 from compolab.fisher_store import DiagonalFisher
+from compolab.heads import IncrementalHead
 from compolab.probes.engine import ProbeData
 from compolab.task_vector import TaskVector
 
@@ -57,10 +57,9 @@ def open_pool_probe(
         ConfigError: An empty pool, or a pool of a linearised method (TMC: its components are
             tangents of the linearised model; probe them with :mod:`compolab.linearize`).
     """
-    from compolab.heads import IncrementalHead
-    from compolab.methods import get_method, saved_fisher
+    from compolab.methods import get_method
     from compolab.pool import Pool
-    from compolab.run import open_pool_world
+    from compolab.workspace import open_pool
 
     pool = pool if isinstance(pool, Pool) else Pool.open(pool)
     if not pool.tasks():
@@ -69,9 +68,8 @@ def open_pool_probe(
     if method is not None and get_method(method).linearised:
         raise ConfigError(f"{pool.root} is a TMC pool: its components are tangents of the linearised model, "
                           "not weights of θ0's model; the basin probes do not apply")  # fmt: skip
-    backbone, theta0, loaded = open_pool_world(pool, load_data=bench is None)
-    bench = bench if bench is not None else loaded
-    entries = pool.load_all(theta0_sha256=pool.manifest["theta0_sha256"], theta0=theta0)
+    opened = open_pool(pool, bench=bench)
+    entries, theta0 = opened.entries, opened.theta0
     ids = sorted(entries)
     head = IncrementalHead(
         [entries[t].head for t in ids], tasks=ids, classes=[entries[t].classes for t in ids]
@@ -79,10 +77,10 @@ def open_pool_probe(
     head = head.requires_grad_(False).eval()
     taus = {t: entries[t].module.delta(theta0).detach() for t in ids}
     names = list(taus[ids[0]])
-    data = ProbeData.from_benchmark(bench, head.global_labels.tolist(), ids, split=split, per_task=per_task,
-                                    seed=seed)  # fmt: skip
-    fisher = saved_fisher(Path(pool.root).parent / "state")
+    data = ProbeData.from_benchmark(opened.bench, head.global_labels.tolist(), ids, split=split,
+                                    per_task=per_task, seed=seed)  # fmt: skip
+    fisher = opened.fisher()
     fisher = fisher.to(device) if fisher is not None else None
     taus = {t: tau.to(device) for t, tau in taus.items()}
     theta0 = {n: theta0[n].to(device) for n in names}
-    return PoolProbe(backbone.to(device), theta0, taus, head.to(device), data, fisher)
+    return PoolProbe(opened.backbone.to(device), theta0, taus, head.to(device), data, fisher)

@@ -1,144 +1,20 @@
-r"""The editing tables of a set of runs: composition, unlearning, specialization (mean ± std over seeds).
+"""The three editing tables of a set of runs: composition, unlearning, specialization.
 
-Three tables, built from run folders (``compolab train --out``) and their pools:
-
-* **composition** (:func:`composition_table`) — the final average accuracy (FA, %) of the composed
-  model θ0 + Σ_t w_t τ_t, per method (rows, with the ablations "without Eq. 12 / 19" and "only on
-  CLS") and tuning style (columns): the shape of the paper's Tables 1, 2 and 6;
-* **unlearning** (:func:`unlearning_table`) — per forgotten task k, the *target* accuracy (on task
-  k) and the *control* accuracy (mean over the other tasks) after **dropping** τ_k,
-  θ0 + Σ_{t≠k} τ_t / (T−1), or **negating** it, θ0 + (Σ_{t≠k} τ_t − γ τ_k) / (T−1) (γ = 1 by
-  default: τ_k enters with the weight of the others, sign flipped); raw, and normalised by the
-  accuracy of the same task before editing. Every task's head stays in the output (argmax over all
-  classes): dropping a head as well would zero the target by construction and say nothing about
-  what the backbone still knows;
-* **specialization** (:func:`specialization_table`) — for each subset S (every single task and
-  every "all but one"), the accuracy on S's tasks of the subset composition
-  θ0 + Σ_{t∈S} τ_t / |S| against the full composition, both with the heads of S only (class-IL
-  over S's classes), and their difference.
-
-Each cell is a :class:`Stat`: mean ± sample standard deviation over the seeds present. A run is a
-:class:`RunRecord`; the numbers of its pool come from :func:`compolab.measure.measure_edits`
-(JSON-ready, so ``compolab reproduce`` caches them). Tables are written as markdown and CSV by
-:func:`write_table`.
+Each builder takes :class:`RunRecord` s (one per finished run, its measured edits attached) and
+returns a :class:`~compolab.tables.table.Table`; rows follow :data:`~compolab.tables.policy.TABLE_METHODS`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
-from compolab.io import atomic_write
-from compolab.methods import TABLE_METHODS, get_method
+from compolab.methods import get_method
+from compolab.tables.policy import TABLE_METHODS
+from compolab.tables.table import Stat, Table
 from compolab.tuning import STYLES
 
-__all__ = [
-    "Stat",
-    "Table",
-    "RunRecord",
-    "composition_table",
-    "unlearning_table",
-    "specialization_table",
-    "write_table",
-]
-
-
-@dataclass(frozen=True)
-class Stat:
-    """Mean, sample standard deviation and number of values of one cell."""
-
-    mean: float
-    std: float
-    n: int
-
-    @classmethod
-    def of(cls, values: Iterable[float]) -> Stat:
-        """The statistics of ``values`` (std 0 for a single value).
-
-        Examples:
-            >>> Stat.of([1.0, 2.0, 3.0])
-            Stat(mean=2.0, std=1.0, n=3)
-        """
-        v = [float(x) for x in values]
-        if not v:
-            raise ValueError("no value to summarise")
-        mean = sum(v) / len(v)
-        std = math.sqrt(sum((x - mean) ** 2 for x in v) / (len(v) - 1)) if len(v) > 1 else 0.0
-        return cls(mean, std, len(v))
-
-    def format(self, digits: int = 1) -> str:
-        """``mean ± std`` (``mean`` alone for one value)."""
-        return f"{self.mean:.{digits}f} ± {self.std:.{digits}f}" if self.n > 1 else f"{self.mean:.{digits}f}"
-
-
-@dataclass
-class Table:
-    """A table of labels and :class:`Stat` cells.
-
-    Attributes:
-        title: One line.
-        columns: Column names; the leading columns hold labels, the others :class:`Stat` s (or None).
-        rows: One dict per row, ``column -> str | Stat | None``.
-        digits: Decimals in the markdown rendering.
-        note: What the numbers are (printed under the markdown table).
-    """
-
-    title: str
-    columns: list[str]
-    rows: list[dict] = field(default_factory=list)
-    digits: int = 1
-    note: str = ""
-
-    def select(self, **labels: str) -> dict:
-        """The one row whose label columns match ``labels`` (``column=value``, spaces as ``_``)."""
-        want = {k.replace("_", " "): str(v) for k, v in labels.items()}
-        found = [r for r in self.rows if all(str(r.get(k)) == v for k, v in want.items())]
-        if len(found) != 1:
-            raise KeyError(f"{len(found)} rows of {self.title!r} match {want}")
-        return found[0]
-
-    def to_markdown(self) -> str:
-        """A GitHub markdown table, its title in bold and its note below."""
-
-        def cell(v) -> str:
-            return "–" if v is None else v.format(self.digits) if isinstance(v, Stat) else str(v)
-
-        lines = [f"**{self.title}**", "", "| " + " | ".join(self.columns) + " |",
-                 "|" + "|".join("---" for _ in self.columns) + "|"]  # fmt: skip
-        lines += ["| " + " | ".join(cell(r.get(c)) for c in self.columns) + " |" for r in self.rows]
-        return "\n".join(lines + ([f"\n{self.note}"] if self.note else [])) + "\n"
-
-    def to_csv(self) -> str:
-        """CSV: label columns as they are; each statistic column as ``<c>``, ``<c> std``, ``<c> n``."""
-        stats = [c for c in self.columns if any(isinstance(r.get(c), Stat) for r in self.rows)]
-        header = [h for c in self.columns for h in ([c, f"{c} std", f"{c} n"] if c in stats else [c])]
-        buf = io.StringIO()
-        writer = csv.writer(buf, lineterminator="\n")
-        writer.writerow(header)
-        for r in self.rows:
-            out = []
-            for c in self.columns:
-                v = r.get(c)
-                if c in stats:
-                    out += [f"{v.mean:.4f}", f"{v.std:.4f}", v.n] if isinstance(v, Stat) else ["", "", 0]
-                else:
-                    out.append("" if v is None else v)
-            writer.writerow(out)
-        return buf.getvalue()
-
-
-def write_table(table: Table, out_dir: str | Path, stem: str) -> tuple[Path, Path]:
-    """Write ``<out_dir>/<stem>.md`` and ``<stem>.csv`` (atomically); returns both paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    md, cs = out / f"{stem}.md", out / f"{stem}.csv"
-    for path, text in ((md, table.to_markdown()), (cs, table.to_csv())):
-        atomic_write(path, lambda p, text=text: p.write_text(text, encoding="utf-8"))
-    return md, cs
+__all__ = ["RunRecord", "composition_table", "unlearning_table", "specialization_table"]
 
 
 @dataclass(frozen=True)
@@ -159,9 +35,6 @@ class RunRecord:
     final_accuracy: float
     edits: dict | None = None
     path: str = ""
-
-
-# --------------------------------------------------------------------------- the three tables
 
 
 def _groups(runs: Iterable[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:

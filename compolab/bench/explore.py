@@ -6,10 +6,9 @@ random images (the timings do not depend on what the images show), the shape of 
 
 from __future__ import annotations
 
-import time
-
 import torch
 
+from compolab.bench.timing import timed
 from compolab.explore.engine import Explorer
 from compolab.heads import IncrementalHead, new_head
 from compolab.models import load_backbone, theta0_of, tuned_weight_names
@@ -44,6 +43,7 @@ def random_explorer(**kwargs) -> Explorer:
 
 
 def _quantiles(ms: list[float]) -> dict[str, float]:
+    """Median and 90th percentile of latencies in milliseconds, rounded to 0.01 ms."""
     s = sorted(ms)
     return {"median_ms": round(s[len(s) // 2], 2), "p90_ms": round(s[min(len(s) - 1, int(0.9 * len(s)))], 2)}
 
@@ -59,9 +59,7 @@ def bench_explore(
         "widget_refresh": {…}, "build_seconds", "images", "modules", "threads", "repeats"}``.
     """
     gen = torch.Generator().manual_seed(seed + 1)
-    t0 = time.perf_counter()
-    ex = random_explorer(modules=modules, per_task=per_task, seed=seed)
-    build = time.perf_counter() - t0
+    build, ex = timed(lambda: random_explorer(modules=modules, per_task=per_task, seed=seed))
     weights = torch.rand(repeats, modules, generator=gen).tolist()
     out: dict = {"build_seconds": round(build, 2)}
     times = []
@@ -75,9 +73,7 @@ def bench_explore(
     out["head_only"] = _quantiles(times[len(times) - min(len(times), ex._cache_size) :])
     times = []
     for w in weights:
-        t0 = time.perf_counter()
-        ex.quadratic.predict(w)
-        times.append(1e3 * (time.perf_counter() - t0))
+        times.append(1e3 * timed(lambda w=w: ex.quadratic.predict(w))[0])
     out["quadratic"] = _quantiles(times)
     if widget:
         from compolab.explore.widget import ExplorerWidget

@@ -1,0 +1,67 @@
+"""The job functions of ``compolab reproduce``, as worker processes call them: train a run, measure
+the edits of its pool, execute a notebook (:mod:`compolab.reproduce.notebooks`).
+
+A worker receives ``(kind, args)`` and calls :func:`execute`; every function here is importable by
+name, so ``spawn`` workers find them.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from compolab.io import file_sha256, read_json, write_json
+from compolab.measure import measure_edits
+from compolab.reproduce.notebooks import job_notebook
+from compolab.run import RunConfig, run
+
+__all__ = ["init_worker", "job_run", "job_edits", "execute"]
+
+
+def init_worker() -> None:
+    """A worker process: one thread (the jobs run side by side on the cores)."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def job_run(config: dict, out: str, device: str = "cpu", benchmark=None, backbone=None) -> float:
+    """Train (or resume, or reuse) one run; returns its final accuracy."""
+    from compolab.runtime import Runtime
+
+    path = Path(out)
+    if (path / "results.json").exists():
+        done = read_json(path / "results.json")
+        if done.get("final_accuracy") is not None:
+            return done["final_accuracy"]
+    resume = (path / "config.json").exists()
+    results = run(RunConfig.from_json(config), path, resume=resume, progress=False, benchmark=benchmark,
+                  backbone=backbone, runtime=Runtime.resolve(device, None))  # fmt: skip
+    return results["final_accuracy"]
+
+
+def job_edits(run_dir: str, path: str, negate_coef: float = 1.0, device: str = "cpu", benchmark=None,
+              backbone=None) -> None:  # fmt: skip
+    """Measure and cache the edits of one run's pool (tagged with the sha256 of its results)."""
+    edits = measure_edits(run_dir, negate_coef=negate_coef, device=str(device), backbone=backbone,
+                          bench=benchmark)  # fmt: skip
+    edits["results_sha256"] = file_sha256(Path(run_dir) / "results.json")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, edits)
+
+
+#: ``kind -> job function`` of each :class:`~compolab.reproduce.plan.Job`.
+_FUNCTIONS = {"run": job_run, "edits": job_edits, "notebook": job_notebook}
+
+
+def execute(kind: str, args: dict) -> float:
+    """Run one job; returns the CPU seconds it used, its subprocesses' (a notebook's kernel) included."""
+    import resource
+
+    def cpu() -> float:
+        c = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return time.process_time() + c.ru_utime + c.ru_stime
+
+    start = cpu()
+    _FUNCTIONS[kind](**args)
+    return cpu() - start

@@ -1,0 +1,29 @@
+"""Which methods the kit's tables show, which rows carry asserted claims, which rows share a run.
+
+The names come from the method classes (``ITA.name``, ...), so this module quotes no method name:
+the registry :data:`compolab.methods.METHODS` stays the one place that spells them.
+
+Examples:
+    >>> TABLE_METHODS
+    ('ita', 'iel', 'tmc', 'naive', 'seq', 'joint')
+    >>> CLAIM_METHODS, SAME_RUN
+    (('ita', 'iel'), {('ita', 'no-reg'): ('naive', 'none')})
+"""
+
+from __future__ import annotations
+
+from compolab.methods.baselines import Joint, Naive, Sequential
+from compolab.methods.ita_iel import IEL, ITA
+from compolab.methods.tangent import TMC
+
+__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN"]
+
+#: Rows of the kit's tables (:mod:`compolab.tables`, ``compolab reproduce``), in order: the paper's
+#: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
+TABLE_METHODS: tuple[str, ...] = tuple(m.name for m in (ITA, IEL, TMC, Naive, Sequential, Joint))
+#: Rows of the tables that are one computation, ``(method, ablation) -> (method, ablation)``: ITA
+#: without its penalties is naive task arithmetic (the pre-tuned heads are replaced by freshly
+#: initialised ones in both; ``tests/test_run.py`` checks the modules are bit-identical).
+SAME_RUN: dict[tuple[str, str], tuple[str, str]] = {(ITA.name, "no-reg"): (Naive.name, "none")}
+#: The methods whose editing claims (unlearning, specialization) the tables assert over seeds.
+CLAIM_METHODS: tuple[str, ...] = (ITA.name, IEL.name)

@@ -1,0 +1,81 @@
+"""The three editing tables of a set of run folders, written as markdown + CSV.
+
+Not re-exported by :mod:`compolab.tables`: it reads run folders through
+:func:`compolab.measure.read_run`, and :mod:`compolab.measure` imports :mod:`compolab.tables`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from compolab.io import read_json
+from compolab.measure import read_run
+from compolab.methods import get_method
+from compolab.tables.build import RunRecord, composition_table, specialization_table, unlearning_table
+from compolab.tables.policy import SAME_RUN
+from compolab.tables.table import write_table
+
+__all__ = ["read_records", "write_run_tables"]
+
+
+def read_records(
+    runs: Sequence[tuple[str, str | None]], methods: Sequence[str]
+) -> tuple[list[RunRecord], list[str]]:
+    """The records of the finished runs among ``runs`` and the notes on the rows they share.
+
+    Args:
+        runs: ``(run folder, its cached edits JSON or None)``, in table order; unfinished ones are skipped.
+        methods: The methods of the grid: a run stands for a :data:`~compolab.tables.policy.SAME_RUN`
+            row (and is shown there too) only when that row's method is one of them.
+
+    Returns:
+        ``(records, notes)``: one note per shared pair of rows, for the composition table.
+    """
+    stands_for = {same: row for row, same in SAME_RUN.items() if row[0] in methods}
+    records, shared = [], []
+    for out, edits in runs:
+        if not (Path(out) / "results.json").exists():
+            continue
+        try:
+            record = read_run(out, read_json(edits) if edits is not None else None)
+        except ValueError:  # not finished
+            continue
+        records.append(record)
+        row = stands_for.get((record.method, record.ablation))
+        if row is not None:  # the same run, shown in the row it stands for too
+            records.append(replace(record, method=row[0], ablation=row[1], edits=None))
+            pair = f"{get_method(row[0]).ablation_labels[row[1]]} and {get_method(record.method).label}"
+            note = f"{pair} are one computation (`tests/test_run.py`): trained once, shown in both rows."
+            shared += [note] if note not in shared else []
+    return records, shared
+
+
+def write_run_tables(
+    runs: Sequence[tuple[str, str | None]],
+    out_dir: str | Path,
+    *,
+    methods: Sequence[str],
+    style: str,
+    made: str = "",
+) -> list[Path]:
+    """Composition, unlearning and specialization of ``runs`` under ``out_dir`` (markdown + CSV).
+
+    Args:
+        runs, methods: As :func:`read_records`.
+        out_dir: The tables' folder (created).
+        style: The tuning style of the two editing tables.
+        made: A last line of every note (how the tables were made).
+
+    Returns:
+        The paths written: ``.md`` then ``.csv`` of each table.
+    """
+    records, shared = read_records(runs, methods)
+    paths: list[Path] = []
+    for stem, table, extra in (("composition", composition_table(records), shared),
+                               ("unlearning", unlearning_table(records, style), []),
+                               ("specialization", specialization_table(records, style), [])):  # fmt: skip
+        table.note = "\n\n".join([table.note, *extra, made]).strip()
+        paths += write_table(table, out_dir, stem)
+    return paths
