@@ -172,11 +172,12 @@ def compose_and_evaluate(
         progress: Show a progress bar.
 
     Returns:
-        ``{"composition", "num_classes"}`` plus, evaluated, ``"per_task_accuracy"`` (``str(t) ->
-        %``) and ``"average_accuracy"``.
+        A JSON-ready dict: ``{"composition", "num_classes"}`` plus, evaluated,
+        ``"per_task_accuracy"`` (``str(t) -> %``) and ``"average_accuracy"``.
     """
     model, head = opened.compose(plan)
-    result: dict = {"composition": plan.describe(), "num_classes": len(head.global_labels)}
+    composition = {key: list(value) for key, value in plan.describe().items()}  # JSON-ready: lists
+    result: dict = {"composition": composition, "num_classes": len(head.global_labels)}
     if not evaluate:
         return result
     if opened.bench is None:

@@ -1,7 +1,7 @@
 """``compolab probe``: run one probe of a pool, write its JSON record and, optionally, a figure.
 
 :func:`probe_pool` checks every input before any work (output paths, task ids, the λ grid, the
-number of plane directions, a saved Fisher when asked for), then probes and writes. ``cli.py`` only
+number of plane directions, a saved Fisher when asked for), then probes and writes. ``compolab.cli`` only
 parses the command line and prints the summary this returns.
 """
 
