@@ -115,7 +115,7 @@ def init_distributed(device: torch.device) -> World:
     if device.type == "cuda":
         if device.index is not None and device.index != world.local_rank:
             raise ConfigError(f"under torchrun rank {world.rank} must use cuda:{world.local_rank}, "
-                              f"not {device}; pass --device cuda or auto")  # fmt: skip
+                              f"not {device}; pass `device` cuda or auto")  # fmt: skip
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:

@@ -79,7 +79,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if kind != "cuda" or (index and not index.isdigit()):
         raise ConfigError(f"unknown device {spec!r}; choose auto, cpu, cuda or cuda:K")
     if not torch.cuda.is_available():
-        raise ConfigError(f"device {spec!r} asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise ConfigError(f"`device` {spec!r} asked for, but torch sees no CUDA GPU; use `device` cpu")
     k = int(index) if index else int(os.environ.get("LOCAL_RANK", 0))
     if k >= torch.cuda.device_count():
         raise ConfigError(f"device cuda:{k} does not exist: torch sees {torch.cuda.device_count()} GPU(s)")
@@ -102,7 +102,7 @@ def resolve_precision(precision: str | None, device: torch.device) -> torch.dtyp
     if precision == "fp32":
         return None
     if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use --precision fp32")
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} has no bf16; use `precision` fp32")
     return torch.bfloat16
 
 

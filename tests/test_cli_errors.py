@@ -146,3 +146,28 @@ def test_probe_refuses_non_finite_ranges_and_writes_nothing(capsys, pool, tmp_pa
     out = tmp_path / "probe.json"
     err = _one_line_error(capsys, ["probe", argv[0], "--pool", pool, "--out", out, *argv[1:]])
     assert needle in err and not out.exists()
+
+
+# --------------------------------------------------------------------------- fields and flags
+
+
+def test_a_library_error_names_the_field_and_the_cli_says_its_flag(capsys, tmp_path):
+    """The library writes ``num_tasks`` (the Python name); the command line prints ``--tasks``."""
+    from compolab.errors import ConfigError
+    from compolab.run import run_config
+
+    with pytest.raises(ConfigError, match="`num_tasks` must be > 0") as err:
+        run_config("ita", num_tasks=0)
+    assert err.value.field == "num_tasks"
+    out = tmp_path / "run"
+    err = _one_line_error(capsys, ["train", "--method", "ita", "--out", out, "--tasks", "9", "--no-progress"])
+    assert "--tasks 9: 'tiny' has 5 tasks" in err and "`" not in err
+    assert not out.exists()
+    err = _one_line_error(capsys, ["train", "--method", "ita", "--tuning", "prefix", "--out", out])
+    assert "--tuning 'prefix' is not a tuning style" in err
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA GPU is present")
+def test_a_device_without_cuda_is_refused_with_its_flag(capsys, pool):
+    err = _one_line_error(capsys, ["compose", "--pool", pool, "--device", "cuda"])
+    assert "--device 'cuda' asked for, but torch sees no CUDA GPU; use --device cpu" in err
