@@ -54,16 +54,15 @@ def open_pool_probe(
         device: Where θ0, the modules, the head and the Fisher go (the images move per batch).
 
     Raises:
-        ConfigError: An empty pool, or a pool of a linearised method (TMC: its components are
-            tangents of the linearised model; probe them with :mod:`compolab.linearize`).
+        ConfigError: A pool of a linearised method (TMC: its components are
+            tangents of the linearised model; probe them with :mod:`compolab.linearize`), or an
+            empty pool (:func:`~compolab.workspace.open_pool`).
     """
     from compolab.methods import get_method
     from compolab.pool import Pool
     from compolab.workspace import open_pool
 
     pool = pool if isinstance(pool, Pool) else Pool.open(pool)
-    if not pool.tasks():
-        raise ConfigError(f"{pool.root} holds no module yet")
     method = pool.manifest.get("method")
     if method is not None and get_method(method).linearised:
         raise ConfigError(f"{pool.root} is a TMC pool: its components are tangents of the linearised model, "
