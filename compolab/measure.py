@@ -20,6 +20,7 @@ from compolab.editing import plan_composition
 from compolab.errors import CompolabError
 from compolab.evaluate import evaluate_tasks, final_average
 from compolab.runfolder import load_results
+from compolab.stem import cache_stem
 from compolab.tables import RunRecord
 from compolab.workspace import open_pool
 
@@ -36,8 +37,9 @@ def read_run(out: str | Path, edits: dict | None = None) -> RunRecord:
     cfg = results["config"]
     if results.get("final_accuracy") is None:
         raise ValueError(f"{out}: the run has not finished (no final_accuracy)")
+    fa = tuple(sum(row) / len(row) for row in results.get("accuracy_matrix") or [] if row)
     return RunRecord(cfg["method"], cfg["finetune"]["style"], cfg["method_cfg"]["ablation"],
-                     cfg["finetune"]["seed"], results["final_accuracy"], edits, str(out))  # fmt: skip
+                     cfg["finetune"]["seed"], results["final_accuracy"], edits, str(out), fa)  # fmt: skip
 
 
 def _open(run_dir: str | Path, backbone: nn.Module | None, bench: Benchmark | None, device: str):
@@ -45,7 +47,9 @@ def _open(run_dir: str | Path, backbone: nn.Module | None, bench: Benchmark | No
     opened = open_pool(Path(run_dir) / "pool", bench=bench, backbone=backbone, runtime=device)
     if opened.method is None:
         raise CompolabError(f"{opened.pool.root} names no method: the editing tables measure a run's pool")
-    return opened.method, opened.backbone, opened.theta0, opened.bench, opened.entries
+    names = sorted({n for e in opened.entries.values() for n in e.module.names})
+    bench = cache_stem(opened.bench, opened.backbone, names)  # every edit reads the same test tokens
+    return opened.method, opened.backbone, opened.theta0, bench, opened.entries
 
 
 def _outputs(model: nn.Module, bench: Benchmark, tasks: Sequence[int], device, batch_size: int = 256) -> dict:

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from timm.layers import PatchEmbed
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -33,6 +34,7 @@ __all__ = [
     "TINY_VIT",
     "PAPER_VIT",
     "conv_stem",
+    "ConvStemEmbed",
     "make_backbone",
     "load_backbone",
     "save_backbone",
@@ -116,6 +118,17 @@ def conv_stem(embed_dim: int, stride: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class ConvStemEmbed(PatchEmbed):
+    """timm's ``PatchEmbed`` (its ``proj`` replaced by :func:`conv_stem`) that also takes its own
+    output: a ``(B, N, D)`` input is already stem tokens (:func:`compolab.stem.cache_stem`) and
+    passes through; images ``(B, 3, H, W)`` go through the stem."""
+
+    accepts_tokens = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x if x.dim() == 3 else super().forward(x)
+
+
 def make_backbone(spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False) -> nn.Module:
     """Build a backbone (features only, ``num_classes=0``) from its spec.
 
@@ -141,6 +154,7 @@ def make_backbone(spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False) ->
             embed_dim=spec.embed_dim,
             depth=spec.depth,
             num_heads=spec.num_heads,
+            embed_layer=ConvStemEmbed,
         )
         model.patch_embed.proj = conv_stem(spec.embed_dim, spec.patch_size)
     else:

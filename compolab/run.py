@@ -44,6 +44,7 @@ from compolab.models import fingerprint, theta0_of, tuned_weight_names
 from compolab.pool import Pool, PoolEntry
 from compolab.runfolder import RunFolder, check_out, load_results
 from compolab.runtime import Runtime
+from compolab.stem import cache_stem
 
 __all__ = ["TASK_POINTS", "RunConfig", "run_config", "run", "follow", "load_results"]
 
@@ -228,7 +229,9 @@ def _run_world(
             raise ConfigError(f"task {task.index} of {bench.name!r} has no training data")
     theta0_model = backbone if backbone is not None else load_theta0(preset, cfg.checkpoint)
     theta0_model = theta0_model.to(device).eval().requires_grad_(False)
-    return bench, theta0_model, theta0_of(theta0_model), tuned_weight_names(theta0_model)
+    names = tuned_weight_names(theta0_model)
+    bench = cache_stem(bench, theta0_model, names)  # the frozen stem once per image, not once per step
+    return bench, theta0_model, theta0_of(theta0_model), names
 
 
 def follow(

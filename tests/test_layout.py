@@ -23,7 +23,7 @@ LAYERS: list[set[str]] = [
     {"distributed"},
     {"world", "heads", "per_sample", "task_vector"},
     {"data", "models", "tuning", "fisher_store"},
-    {"datasets", "linear_probe", "pretrain", "fisher", "compose", "pool", "linearize", "evaluate"},
+    {"datasets", "linear_probe", "pretrain", "fisher", "compose", "pool", "linearize", "evaluate", "stem"},
     {"curvature", "editing", "finetune"},
     {"tmc"},
     {"methods.*"},

@@ -196,8 +196,12 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
     jobs = json.loads(capsys.readouterr().out)
     runs = [j for j in jobs if j["kind"] == "run"]
     # ITA: 3 styles × (plain, cls-only; no-reg is naive); IEL: 3 styles × (plain, no-reg, cls-only);
-    # naive: 3 styles; TMC, seq, joint: LoRA; seeds 1-2 of ITA and IEL
-    assert len(runs) == 3 * 2 + 3 * 3 + 3 + 3 + 2 * 2
+    # naive: 3 styles; TMC, seq, joint: LoRA; seeds 1-2 of ITA and IEL (LoRA) and of the other seeded
+    # rows (naive LoRA, ITA full, naive full), all on the 10-task benchmark
+    assert len(runs) == 3 * 2 + 3 * 3 + 3 + 3 + 2 * 2 + 2 * 3
+    assert sum(j["name"].startswith(("naive-lora-s", "ita-full-s", "naive-full-s")) for j in runs) == 9
+    planned = [j for j in plan(ReproduceConfig(notebooks=None)) if j.kind == "run"]
+    assert {RunConfig.from_json(j.args["config"]).dataset for j in planned} == {"tiny10"}
     assert not any(j["name"].startswith("ita-") and "-no-reg-" in j["name"] for j in runs)
     assert [j["name"].split("-")[1] for j in runs if j["name"].startswith("tmc-")] == ["lora"]
     assert sum(j["name"].startswith(("seq-lora", "joint-lora")) for j in runs) == 2
@@ -268,7 +272,7 @@ def test_reproduce_resumes_a_half_made_cache(tmp_path, bench, backbone, monkeypa
     # tasks 0 and 1 were committed before the kill and are not trained again; task 2 is
     assert log.count("task 0: training") == 1 and log.count("task 2: training") == 2
     run_cfg = RunConfig.from_json(plan(cfg)[0].args["config"])
-    assert run_cfg.finetune.epochs == 1 and run_cfg.num_tasks == 3
+    assert run_cfg.finetune.epochs == 1 and run_cfg.num_tasks is None and run_cfg.dataset == "tiny10"
     reference = run(run_cfg, tmp_path / "ref", benchmark=bench, backbone=backbone, progress=False)
     assert load_results(run_dir)["accuracy_matrix"] == reference["accuracy_matrix"]
     table = (tmp_path / "figures" / "tables" / "composition.md").read_text()
@@ -371,3 +375,29 @@ def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch)
     assert "| ITA without Eq. 12 reg. | 60.0 |" in md and "| naive task arithmetic | 60.0 |" in md
     assert "one computation" in md
     assert "one computation" not in (tmp_path / "f" / "tables" / "unlearning.md").read_text()
+
+
+def test_fa_by_tasks_table_is_the_mean_over_seeds_of_each_row_of_the_accuracy_matrix():
+    from compolab.tables import fa_by_tasks_table
+
+    runs = [RunRecord("ita", "lora", "none", s, 70.0 + s, fa_by_tasks=(90.0, 80.0 + 2 * s, 70.0 + s))
+            for s in (0, 1)]
+    runs += [RunRecord("naive", "lora", "none", 0, 60.0, fa_by_tasks=(90.0, 75.0, 60.0)),
+             RunRecord("naive", "full", "none", 0, 50.0, fa_by_tasks=(85.0, 65.0, 50.0)),  # another style
+             RunRecord("ita", "lora", "cls-only", 0, 71.0, fa_by_tasks=(90.0, 81.0, 71.0)),  # an ablation
+             RunRecord("joint", "lora", "none", 0, 85.0, fa_by_tasks=(85.0,))]  # one row: not a T curve
+    table = fa_by_tasks_table(runs, "lora")
+    assert table.columns == ["method", "T=1", "T=2", "T=3"]
+    assert [r["method"] for r in table.rows] == ["ITA", "naive task arithmetic"]
+    ita = table.select(method="ITA")
+    assert (ita["T=2"].mean, ita["T=2"].n) == (81.0, 2) and ita["T=3"].std == pytest.approx(0.5**0.5)
+    assert table.select(method="naive task arithmetic")["T=3"].n == 1
+
+
+def test_read_run_takes_fa_after_each_task_from_the_accuracy_matrix(tmp_path, bench, backbone):
+    _small_run(tmp_path, bench, backbone)
+    record = read_run(tmp_path)
+    matrix = load_results(tmp_path)["accuracy_matrix"]
+    assert record.fa_by_tasks == tuple(sum(r) / len(r) for r in matrix)
+    assert len(record.fa_by_tasks) == 3
+    assert record.fa_by_tasks[-1] == pytest.approx(record.final_accuracy, abs=0.01)

@@ -22,9 +22,13 @@ from compolab.heads import IncrementalHead, new_head
 from compolab.methods import MethodConfig, head_penalty, iel_penalty, ita_penalty, linear_head_fisher
 from compolab.models import make_backbone, theta0_of, tuned_weight_names
 from compolab.runtime import Runtime, peak_flops
+from compolab.stem import stem_is_frozen
 from compolab.tuning import TaskModule
 
 __all__ = ["bench_step"]
+
+#: Suffix of the step kinds that run on cached stem tokens.
+CACHED = "+stem-cache"
 
 
 def _step_flops(step: Callable[[], object]) -> float:
@@ -87,7 +91,10 @@ def bench_step(
       penalty;
     * ``iel``: θ0 + (1/T) Σ_{s≤t} τ_s with ``num_frozen`` frozen (pre-merged) modules, plus IEL's
       penalty with its cross term and the head penalty;
-    * ``fisher``: the preset's Fisher (tiny: Monte Carlo, paper: exact) of the batch at θ0.
+    * ``fisher``: the preset's Fisher (tiny: Monte Carlo, paper: exact) of the batch at θ0;
+    * ``plain+stem-cache``, ``ita+stem-cache``, ``iel+stem-cache``: the same three steps on the
+      batch's stem tokens, computed once (:mod:`compolab.stem`; only where the stem is frozen, the
+      tiny ViT): before / after the stem cache in one run, ``stem_cache_speedup`` their time ratio.
 
     Each timed call comes after a warm-up call; the methods run round-robin ``repeats`` times and
     the median is reported. MFU = FLOPs per image (counted once on the plain step) × images/s /
@@ -119,6 +126,10 @@ def bench_step(
     x = torch.randn(batch, 3, spec.img_size, spec.img_size, generator=gen).to(device)
     y = torch.randint(10, (batch,), generator=gen).to(device)
     loader = [(x, y)] * steps
+    stem_cached = stem_is_frozen(backbone, names)  # the tiny ViT: its stem output, once per image
+    with torch.no_grad():
+        tokens = backbone.patch_embed(x) if stem_cached else None
+    token_loader = [(tokens, y)] * steps
     cfg = FinetuneConfig(style="lora", rank=ft.rank, epochs=1, batch_size=batch, accumulate=1, lr=ft.lr)
 
     def batch_fisher() -> DiagonalFisher:
@@ -136,7 +147,7 @@ def bench_step(
     frozen = [m.delta(theta0).detach() for m in random_modules("lora", theta0, names, num_frozen, gen)]
     previous = {n: sum(tau[n] for tau in frozen) for n in names}
 
-    def make(kind: str) -> Callable[[], None]:
+    def make(kind: str, batches: list | None = None) -> Callable[[], None]:
         module = TaskModule.create("lora", theta0, names, rank=ft.rank,
                                    generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
         head = copy.deepcopy(head0)
@@ -153,13 +164,18 @@ def bench_step(
             decoupled = [*module.parameters(), *head.parameters()] if as_step else None
 
         def call() -> None:
-            train_loop(model, opt, loader, cfg, loss_fn=nn.functional.cross_entropy, head=head,
-                       penalty=penalty, decoupled=decoupled, runtime=runtime)  # fmt: skip
+            train_loop(model, opt, loader if batches is None else batches, cfg,
+                       loss_fn=nn.functional.cross_entropy, head=head, penalty=penalty,
+                       decoupled=decoupled, runtime=runtime)  # fmt: skip
 
         return call
 
-    seconds, _ = median_of_rounds({k: make(k) for k in ("plain", ita, iel)}, repeats, device)
+    kinds = {k: make(k) for k in ("plain", ita, iel)}
+    if stem_cached:  # the same steps on the cached stem tokens (compolab.stem.cache_stem)
+        kinds.update({f"{k}{CACHED}": make(k, token_loader) for k in ("plain", ita, iel)})
+    seconds, _ = median_of_rounds(kinds, repeats, device)
     med = {k: s / steps for k, s in seconds.items()}
+    speedup = {k: round(med[k] / med[f"{k}{CACHED}"], 3) for k in ("plain", ita, iel) if stem_cached}
     one = make("plain")
     loader[:] = loader[:1]
     flops = _step_flops(one)  # forward + backward + AdamW of one step of batch images
@@ -170,6 +186,7 @@ def bench_step(
         "step_seconds": {k: round(v, 5) for k, v in med.items()},
         f"{ita}_over_plain": round(med[ita] / med["plain"], 3),
         f"{iel}_over_plain": round(med[iel] / med["plain"], 3),
+        "stem_cache_speedup": speedup or None,
         "fisher_images_per_s": round(batch / fisher_med["fisher"], 1),
         "fisher_kind": mc.fisher_kind,
         "flops_per_image": flops / batch,

@@ -9,22 +9,23 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from compolab.config import get_preset
+from compolab.config import TINY_DATASETS, get_preset
 from compolab.errors import ConfigError
 from compolab.io import canonical_json, file_sha256, read_json
 from compolab.methods import get_method
 from compolab.reproduce.notebooks import notebook_key, notebook_record
 from compolab.run import RunConfig, run_config
-from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, TABLE_METHODS
+from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, SEEDED_ROWS, TABLE_METHODS
 from compolab.tuning import STYLES
 
 __all__ = ["ReproduceConfig", "Job", "plan", "format_plan", "CLI_FLAGS"]
 
-#: Tasks of the tiny world that ``reproduce`` trains (the first three of five).
-TINY_TASKS = 3
+#: The benchmark ``reproduce`` trains on the tiny preset: 10 tasks × 10 classes
+#: (:data:`compolab.config.TINY_DATASETS`), the shape of Split CIFAR-100.
+TINY_DATASET = "tiny10"
 #: Epochs per task of the tiny runs on the preset's shared schedule (the preset: 4). Measured on
 #: seed 0: ITA full 71.7 vs 70.2 %, ITA LoRA 80.4 vs 80.0 %, IEL LoRA 76.8 vs 77.9 %, for 25 % less
 #: training. TMC keeps its own schedule (8 epochs, chosen on the validation split).
@@ -39,7 +40,7 @@ EDITS_SECONDS, NOTEBOOK_SECONDS = 10.0, 90.0
 #: The fields whose ``compolab reproduce`` flag is not ``--`` + the field (``_`` → ``-``).
 CLI_FLAGS: dict[str, str] = {"num_tasks": "--tasks"}
 #: The fields :meth:`ReproduceConfig.command` spells when they differ from the default, in order.
-_COMMAND_FIELDS = ("preset", "seeds", "out", "cache", "num_tasks", "epochs", "methods", "styles")
+_COMMAND_FIELDS = ("preset", "dataset", "seeds", "out", "cache", "num_tasks", "epochs", "methods", "styles")
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,8 @@ class ReproduceConfig:
         cache: Run folders and cached measurements.
         workers: Processes (one thread each); 1 runs every job in this process.
         notebooks: Folder of the notebooks to execute (None: none).
-        num_tasks: Tasks per run (default: 3 for tiny, all for paper).
+        num_tasks: Tasks per run (default: all tasks of the benchmark).
+        dataset: The benchmark (default: :data:`TINY_DATASET` on tiny, the preset's otherwise).
         epochs: Epochs per task (default: the preset's, per method).
         methods: Methods of the grid (default ``TABLE_METHODS``).
         styles: Tuning styles of the grid (default: all).
@@ -72,6 +74,7 @@ class ReproduceConfig:
     workers: int = 2
     notebooks: str | None = "notebooks"
     num_tasks: int | None = None
+    dataset: str | None = None
     epochs: int | None = None
     methods: tuple[str, ...] = TABLE_METHODS
     styles: tuple[str, ...] = tuple(STYLES)
@@ -115,8 +118,13 @@ class ReproduceConfig:
 
     @property
     def tasks(self) -> int | None:
-        """Tasks per run: ``num_tasks``, else :data:`TINY_TASKS` on tiny, else None (all)."""
-        return self.num_tasks if self.num_tasks is not None else TINY_TASKS if self.preset == "tiny" else None
+        """Tasks per run: ``num_tasks``, else None (all)."""
+        return self.num_tasks
+
+    @property
+    def benchmark(self) -> str | None:
+        """The runs' dataset: ``dataset``, else :data:`TINY_DATASET` on tiny, else None (the preset's)."""
+        return self.dataset if self.dataset is not None else TINY_DATASET if self.preset == "tiny" else None
 
 
 @dataclass
@@ -150,8 +158,8 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
         epochs = cfg.epochs
         if epochs is None and cfg.preset == "tiny" and not get_method(method).finetune_overrides.get("tiny"):
             epochs = TINY_EPOCHS  # the methods on the preset's shared schedule; TMC keeps its own
-        out.append(run_config(method, style, preset=cfg.preset, ablation=ablation, seed=seed,
-                              num_tasks=cfg.tasks, epochs=epochs))  # fmt: skip
+        out.append(run_config(method, style, preset=cfg.preset, dataset=cfg.benchmark, ablation=ablation,
+                              seed=seed, num_tasks=cfg.tasks, epochs=epochs))  # fmt: skip
 
     for method in cfg.methods:
         m = get_method(method)  # the references and TMC once, in the editing style
@@ -163,6 +171,9 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
     for seed in range(1, cfg.seeds):
         for method in (m for m in CLAIM_METHODS if m in cfg.methods):
             add(method, cfg.edit_style, seed=seed)
+        for method, style in SEEDED_ROWS:  # the other composition rows the notebooks assert over seeds
+            if method in cfg.methods and style in cfg.styles:
+                add(method, style, seed=seed)
     return out
 
 
@@ -177,7 +188,7 @@ def _run_cost(cfg: ReproduceConfig, rc: RunConfig) -> float | None:
     """Estimated seconds of a run on one CPU thread (tiny preset only)."""
     if cfg.preset != "tiny":
         return None
-    world = get_preset(cfg.preset).world
+    world = replace(get_preset(cfg.preset).world, **TINY_DATASETS.get(rc.dataset or "tiny", {}))
     images = world.train_per_class * world.classes_per_task * (rc.num_tasks or world.num_tasks)
     factor = LINEARISED_FACTOR if get_method(rc.method).linearised else 1.0
     return images * rc.finetune.epochs * SECONDS_PER_IMAGE_EPOCH[rc.finetune.style] * factor
@@ -195,7 +206,9 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
                                                               "device": cfg.device}, status=status,
                         seconds=results.get("wall_seconds") if finished else None))  # fmt: skip
         method = get_method(rc.method)
-        if method.editable and rc.finetune.style == cfg.edit_style and rc.method_cfg.ablation == "none":
+        seeded = rc.finetune.seed == 0 or rc.method in CLAIM_METHODS  # the other seeds: FA rows only
+        edited = rc.finetune.style == cfg.edit_style and rc.method_cfg.ablation == "none" and seeded
+        if method.editable and edited:
             path = cache / "edits" / f"{name}.json"
             done = (
                 status == "cached"
@@ -231,7 +244,7 @@ def _notebook_jobs(cfg: ReproduceConfig, fresh_tables: bool) -> list[Job]:
 
 def plan(cfg: ReproduceConfig) -> list[Job]:
     """Every job of ``cfg``, with its status in the cache and its estimated cost; runs nothing."""
-    jobs = _run_jobs(cfg, Path(cfg.cache) / f"{cfg.preset}-T{cfg.tasks or 'all'}")
+    jobs = _run_jobs(cfg, Path(cfg.cache) / f"{cfg.benchmark or cfg.preset}-T{cfg.tasks or 'all'}")
     if cfg.notebooks is not None:
         fresh_tables = all(j.status == "cached" for j in jobs)  # else the tables change: their readers rerun
         jobs += _notebook_jobs(cfg, fresh_tables)

@@ -26,7 +26,13 @@ Each cell is a :class:`Stat`: mean ± sample standard deviation over the seeds p
 
 from __future__ import annotations
 
-from compolab.tables.build import RunRecord, composition_table, specialization_table, unlearning_table
+from compolab.tables.build import (
+    RunRecord,
+    composition_table,
+    fa_by_tasks_table,
+    specialization_table,
+    unlearning_table,
+)
 from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, TABLE_METHODS
 from compolab.tables.table import Stat, Table, write_table
 
@@ -35,6 +41,7 @@ __all__ = [
     "Table",
     "RunRecord",
     "composition_table",
+    "fa_by_tasks_table",
     "unlearning_table",
     "specialization_table",
     "write_table",

@@ -14,7 +14,7 @@ from compolab.tables.policy import TABLE_METHODS
 from compolab.tables.table import Stat, Table
 from compolab.tuning import STYLES
 
-__all__ = ["RunRecord", "composition_table", "unlearning_table", "specialization_table"]
+__all__ = ["RunRecord", "composition_table", "fa_by_tasks_table", "unlearning_table", "specialization_table"]
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,8 @@ class RunRecord:
         final_accuracy: FA (%) of its composition.
         edits: :func:`~compolab.measure.measure_edits` of its pool (None when not measured).
         path: The run folder.
+        fa_by_tasks: FA (%) after each task: the mean of each row of its accuracy matrix (the FA
+            of a run of the first T tasks, since no task's training depends on the later ones).
     """
 
     method: str
@@ -35,6 +37,7 @@ class RunRecord:
     final_accuracy: float
     edits: dict | None = None
     path: str = ""
+    fa_by_tasks: tuple[float, ...] = ()
 
 
 def _groups(runs: Iterable[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:
@@ -139,3 +142,20 @@ def specialization_table(runs: Iterable[RunRecord], style: str = "lora") -> Tabl
 
 
 _SPECIALIZATION = ("subset", "full", "subset − full")
+
+
+def fa_by_tasks_table(runs: Iterable[RunRecord], style: str = "lora") -> Table:
+    """FA (%) after T = 1 … N tasks of each method of ``style`` (no ablation): how composition degrades
+    as modules are added (the regularisation gap against naive task arithmetic opening with T)."""
+    groups = {k: v for k, v in _groups(runs).items() if k[1] == style and k[2] == "none"}
+    n = max((len(r.fa_by_tasks) for rs in groups.values() for r in rs), default=0)
+    columns = [f"T={t}" for t in range(1, n + 1)]
+    rows = []
+    for name in _method_order(k[0] for k in groups):
+        rs = [r for r in groups[(name, style, "none")] if len(r.fa_by_tasks) == n]
+        if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
+            rows.append({"method": get_method(name).label or name,
+                         **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
+    return Table(f"FA (%) after T tasks ({style})", ["method", *columns], rows,
+                 note="Row T of each run's accuracy matrix (the composition of its first T modules); "
+                      "mean ± std over seeds.")  # fmt: skip

@@ -8,6 +8,8 @@ Examples:
     ('ita', 'iel', 'tmc', 'naive', 'seq', 'joint')
     >>> CLAIM_METHODS, SAME_RUN
     (('ita', 'iel'), {('ita', 'no-reg'): ('naive', 'none')})
+    >>> SEEDED_ROWS
+    (('naive', 'lora'), ('ita', 'full'), ('naive', 'full'))
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from compolab.methods.baselines import Joint, Naive, Sequential
 from compolab.methods.ita_iel import IEL, ITA
 from compolab.methods.tangent import TMC
 
-__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN"]
+__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS"]
 
 #: Rows of the kit's tables (:mod:`compolab.tables`, ``compolab reproduce``), in order: the paper's
 #: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
@@ -27,3 +29,7 @@ TABLE_METHODS: tuple[str, ...] = tuple(m.name for m in (ITA, IEL, TMC, Naive, Se
 SAME_RUN: dict[tuple[str, str], tuple[str, str]] = {(ITA.name, "no-reg"): (Naive.name, "none")}
 #: The methods whose editing claims (unlearning, specialization) the tables assert over seeds.
 CLAIM_METHODS: tuple[str, ...] = (ITA.name, IEL.name)
+#: The other composition cells trained for every seed, ``(method, style)``: the regularisation gap
+#: (ITA vs ITA without Eq. 12 = naive task arithmetic) in LoRA and full fine-tuning is asserted on a
+#: mean over seeds, like the claim methods in the editing style.
+SEEDED_ROWS: tuple[tuple[str, str], ...] = ((Naive.name, "lora"), (ITA.name, "full"), (Naive.name, "full"))

@@ -13,7 +13,13 @@ from pathlib import Path
 from compolab.io import read_json
 from compolab.measure import read_run
 from compolab.methods import get_method
-from compolab.tables.build import RunRecord, composition_table, specialization_table, unlearning_table
+from compolab.tables.build import (
+    RunRecord,
+    composition_table,
+    fa_by_tasks_table,
+    specialization_table,
+    unlearning_table,
+)
 from compolab.tables.policy import SAME_RUN
 from compolab.tables.table import write_table
 
@@ -60,7 +66,7 @@ def write_run_tables(
     style: str,
     made: str = "",
 ) -> list[Path]:
-    """Composition, unlearning and specialization of ``runs`` under ``out_dir`` (markdown + CSV).
+    """Composition, unlearning, specialization, FA after T tasks of ``runs`` in ``out_dir`` (md + CSV).
 
     Args:
         runs, methods: As :func:`read_records`.
@@ -75,7 +81,8 @@ def write_run_tables(
     paths: list[Path] = []
     for stem, table, extra in (("composition", composition_table(records), shared),
                                ("unlearning", unlearning_table(records, style), []),
-                               ("specialization", specialization_table(records, style), [])):  # fmt: skip
+                               ("specialization", specialization_table(records, style), []),
+                               ("fa_by_tasks", fa_by_tasks_table(records, style), [])):  # fmt: skip
         table.note = "\n\n".join([table.note, *extra, made]).strip()
         paths += write_table(table, out_dir, stem)
     return paths
