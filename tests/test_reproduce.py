@@ -383,15 +383,17 @@ def test_fa_by_tasks_table_is_the_mean_over_seeds_of_each_row_of_the_accuracy_ma
     runs = [RunRecord("ita", "lora", "none", s, 70.0 + s, fa_by_tasks=(90.0, 80.0 + 2 * s, 70.0 + s))
             for s in (0, 1)]
     runs += [RunRecord("naive", "lora", "none", 0, 60.0, fa_by_tasks=(90.0, 75.0, 60.0)),
-             RunRecord("naive", "full", "none", 0, 50.0, fa_by_tasks=(85.0, 65.0, 50.0)),  # another style
+             RunRecord("naive", "full", "none", 0, 50.0, fa_by_tasks=(85.0, 65.0, 50.0)),
              RunRecord("ita", "lora", "cls-only", 0, 71.0, fa_by_tasks=(90.0, 81.0, 71.0)),  # an ablation
              RunRecord("joint", "lora", "none", 0, 85.0, fa_by_tasks=(85.0,))]  # one row: not a T curve
-    table = fa_by_tasks_table(runs, "lora")
-    assert table.columns == ["method", "T=1", "T=2", "T=3"]
-    assert [r["method"] for r in table.rows] == ["ITA", "naive task arithmetic"]
-    ita = table.select(method="ITA")
+    table = fa_by_tasks_table(runs)
+    assert table.columns == ["method", "style", "T=1", "T=2", "T=3"]
+    assert [(r["method"], r["style"]) for r in table.rows] == [
+        ("naive task arithmetic", "full"), ("ITA", "lora"), ("naive task arithmetic", "lora")]
+    assert table.select(method="naive task arithmetic", style="full")["T=2"].mean == 65.0
+    ita = table.select(method="ITA", style="lora")
     assert (ita["T=2"].mean, ita["T=2"].n) == (81.0, 2) and ita["T=3"].std == pytest.approx(0.5**0.5)
-    assert table.select(method="naive task arithmetic")["T=3"].n == 1
+    assert table.select(method="naive task arithmetic", style="lora")["T=3"].n == 1
 
 
 def test_read_run_takes_fa_after_each_task_from_the_accuracy_matrix(tmp_path, bench, backbone):

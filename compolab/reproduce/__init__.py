@@ -9,7 +9,8 @@ One command, one overall progress bar, four kinds of jobs:
    fine-tuning, joint training) and TMC (one row in the paper's Table 1; its 8-epoch linearised
    run costs about four 3-epoch plain ones) once, in the editing style — for seed 0, and the
    methods whose editing claims are asserted (:data:`~compolab.tables.CLAIM_METHODS`) in the
-   editing style for seeds 1 … N−1. The tiny preset trains the first 3 tasks of the tiny world,
+   editing style for seeds 1 … N−1, like the other asserted composition rows
+   (:data:`~compolab.tables.policy.SEEDED_ROWS`). The tiny preset trains the 10 tasks of ``tiny10``,
    :data:`~compolab.reproduce.plan.TINY_EPOCHS` epochs per task. A run's folder name carries a
    hash of its config: a finished run is reused, a killed one resumes (the kit's ``--resume``), a
    changed config is a new run;

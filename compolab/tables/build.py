@@ -144,18 +144,19 @@ def specialization_table(runs: Iterable[RunRecord], style: str = "lora") -> Tabl
 _SPECIALIZATION = ("subset", "full", "subset − full")
 
 
-def fa_by_tasks_table(runs: Iterable[RunRecord], style: str = "lora") -> Table:
-    """FA (%) after T = 1 … N tasks of each method of ``style`` (no ablation): how composition degrades
+def fa_by_tasks_table(runs: Iterable[RunRecord]) -> Table:
+    """FA (%) after T = 1 … N tasks per method and tuning style (no ablation): how composition degrades
     as modules are added (the regularisation gap against naive task arithmetic opening with T)."""
-    groups = {k: v for k, v in _groups(runs).items() if k[1] == style and k[2] == "none"}
+    groups = {k: v for k, v in _groups(runs).items() if k[2] == "none"}
     n = max((len(r.fa_by_tasks) for rs in groups.values() for r in rs), default=0)
     columns = [f"T={t}" for t in range(1, n + 1)]
     rows = []
-    for name in _method_order(k[0] for k in groups):
-        rs = [r for r in groups[(name, style, "none")] if len(r.fa_by_tasks) == n]
-        if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
-            rows.append({"method": get_method(name).label or name,
-                         **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
-    return Table(f"FA (%) after T tasks ({style})", ["method", *columns], rows,
+    for style in (s for s in STYLES if any(k[1] == s for k in groups)):
+        for name in _method_order(k[0] for k in groups if k[1] == style):
+            rs = [r for r in groups[(name, style, "none")] if len(r.fa_by_tasks) == n]
+            if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
+                rows.append({"method": get_method(name).label or name, "style": style,
+                             **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
+    return Table("FA (%) after T tasks", ["method", "style", *columns], rows,
                  note="Row T of each run's accuracy matrix (the composition of its first T modules); "
                       "mean ± std over seeds.")  # fmt: skip

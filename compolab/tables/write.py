@@ -82,7 +82,7 @@ def write_run_tables(
     for stem, table, extra in (("composition", composition_table(records), shared),
                                ("unlearning", unlearning_table(records, style), []),
                                ("specialization", specialization_table(records, style), []),
-                               ("fa_by_tasks", fa_by_tasks_table(records, style), [])):  # fmt: skip
+                               ("fa_by_tasks", fa_by_tasks_table(records), [])):  # fmt: skip
         table.note = "\n\n".join([table.note, *extra, made]).strip()
         paths += write_table(table, out_dir, stem)
     return paths
