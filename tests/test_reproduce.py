@@ -19,7 +19,15 @@ from compolab.pool import Pool
 from compolab.reproduce import ReproduceConfig, plan, reproduce
 from compolab.reproduce.schedule import _record_notebook
 from compolab.run import RunConfig, load_results, run
-from compolab.tables import RunRecord, Stat, composition_table, specialization_table, unlearning_table
+from compolab.tables import (
+    RunRecord,
+    Stat,
+    composition_table,
+    read_table,
+    specialization_table,
+    unlearning_table,
+    write_table,
+)
 
 # --------------------------------------------------------------------------- tables, by hand
 
@@ -92,6 +100,26 @@ def test_composition_table_rows_columns_and_markdown():
     assert rows[0] == ["method", "full", "full std", "full n", "lora", "lora std", "lora n"]
     assert rows[1] == ["ITA", "60.0000", "0.0000", "1", "72.0000", "2.0000", "3"]
     assert rows[3] == ["TMC", "", "", "0", "65.2500", "0.0000", "1"]
+
+
+def test_read_table_inverts_to_csv(tmp_path):
+    runs = [RunRecord("ita", "lora", "none", s, fa) for s, fa in enumerate([70.0, 72.5, 74.0])]
+    runs += [RunRecord("ita", "full", "cls-only", 0, 60.125), RunRecord("tmc", "lora", "none", 0, 65.25)]
+    table = composition_table(runs)
+    back = read_table(write_table(table, tmp_path, "composition")[1])
+    assert back.columns == table.columns and back.title == "composition"
+    assert [r["method"] for r in back.rows] == [r["method"] for r in table.rows]  # "ITA, Eq. 12 …": a comma
+    for row in table.rows:
+        for c in ("full", "lora"):
+            want, got = row[c], back.select(method=row["method"])[c]
+            if want is None:
+                assert got is None
+            else:
+                assert got.n == want.n
+                assert (got.mean, got.std) == pytest.approx((want.mean, want.std), abs=1e-4)
+    (tmp_path / "bad.csv").write_text("method,lora,lora std,lora n\nITA,1.0\n")
+    with pytest.raises(ValueError, match="bad.csv: a row has 2 cells, the header 4"):
+        read_table(tmp_path / "bad.csv")
 
 
 def test_unlearning_table_target_control_and_normalised():

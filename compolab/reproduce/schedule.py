@@ -28,7 +28,8 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
     edits = {j.args["run_dir"]: j.args["path"] for j in jobs
              if j.kind == "edits" and Path(j.args["path"]).exists()}  # fmt: skip
     runs = [(j.args["out"], edits.get(j.args["out"])) for j in jobs if j.kind == "run"]
-    made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {cfg.tasks or 'all'} tasks)._"
+    data = f"{cfg.benchmark}, " if cfg.benchmark else ""
+    made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {data}{cfg.tasks or 'all'} tasks)._"
     return write_run_tables(runs, Path(cfg.out) / "tables", methods=cfg.methods, style=cfg.edit_style,
                             made=made)  # fmt: skip
 

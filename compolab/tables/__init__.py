@@ -20,8 +20,9 @@ Three tables, built from run folders (``compolab train --out``) and their pools:
 Each cell is a :class:`Stat`: mean ± sample standard deviation over the seeds present. A run is a
 :class:`RunRecord`; the numbers of its pool come from :func:`compolab.measure.measure_edits`
 (JSON-ready, so ``compolab reproduce`` caches them). Tables are written as markdown and CSV by
-:func:`write_table`; which methods the tables show is :mod:`compolab.tables.policy`, and
-:func:`compolab.tables.write.write_run_tables` writes the three tables of a set of run folders.
+:func:`write_table` (read back by :func:`read_table`); which methods the tables show is
+:mod:`compolab.tables.policy`, and :func:`compolab.tables.write.write_run_tables` writes the
+three tables of a set of run folders.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from compolab.tables.build import (
     unlearning_table,
 )
 from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, TABLE_METHODS
-from compolab.tables.table import Stat, Table, write_table
+from compolab.tables.table import Stat, Table, read_table, write_table
 
 __all__ = [
     "Stat",
@@ -45,6 +46,7 @@ __all__ = [
     "unlearning_table",
     "specialization_table",
     "write_table",
+    "read_table",
     "TABLE_METHODS",
     "CLAIM_METHODS",
     "SAME_RUN",

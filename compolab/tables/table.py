@@ -1,7 +1,8 @@
 """A table of labelled :class:`Stat` cells (mean ± std over seeds), as markdown and CSV.
 
 :class:`Stat` summarises the values of one cell, :class:`Table` holds the rows and renders them,
-:func:`write_table` writes both renderings next to each other.
+:func:`write_table` writes both renderings next to each other and :func:`read_table` reads the CSV
+back (a notebook reads the tables ``compolab reproduce`` wrote without retraining them).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from compolab.io import atomic_write
 
-__all__ = ["Stat", "Table", "write_table"]
+__all__ = ["Stat", "Table", "read_table", "write_table"]
 
 
 @dataclass(frozen=True)
@@ -110,3 +111,42 @@ def write_table(table: Table, out_dir: str | Path, stem: str) -> tuple[Path, Pat
     for path, text in ((md, table.to_markdown()), (cs, table.to_csv())):
         atomic_write(path, lambda p, text=text: p.write_text(text, encoding="utf-8"))
     return md, cs
+
+
+def read_table(path: str | Path, title: str = "") -> Table:
+    """The :class:`Table` of a CSV written by :meth:`Table.to_csv` (``title`` defaults to the file's stem).
+
+    A column ``c`` followed by ``c std`` and ``c n`` is a statistic (an empty cell, ``n = 0``, is None);
+    every other column is a label.
+
+    Examples:
+        >>> t = Table("t", ["method", "lora"], [{"method": "ITA", "lora": Stat(72.0, 2.0, 3)}])
+        >>> import tempfile; d = tempfile.mkdtemp()
+        >>> read_table(write_table(t, d, "t")[1]).select(method="ITA")["lora"]
+        Stat(mean=72.0, std=2.0, n=3)
+    """
+    path = Path(path)
+    with path.open(encoding="utf-8", newline="") as f:
+        header, *body = list(csv.reader(f))
+    columns, stats, i = [], set(), 0
+    while i < len(header):
+        c = header[i]
+        columns.append(c)
+        if header[i + 1 : i + 3] == [f"{c} std", f"{c} n"]:
+            stats.add(c)
+            i += 3
+        else:
+            i += 1
+    rows = []
+    for line in body:
+        if len(line) != len(header):
+            raise ValueError(f"{path}: a row has {len(line)} cells, the header {len(header)}")
+        cells, row = iter(line), {}
+        for c in columns:
+            if c in stats:
+                mean, std, n = next(cells), next(cells), int(next(cells))
+                row[c] = Stat(float(mean), float(std), n) if n > 0 else None
+            else:
+                row[c] = next(cells)
+        rows.append(row)
+    return Table(title or path.stem, columns, rows)
