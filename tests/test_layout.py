@@ -24,6 +24,7 @@ LAYERS: list[set[str]] = [
     {"world", "heads", "per_sample", "task_vector"},
     {"data", "models", "tuning", "fisher_store"},
     {"datasets", "linear_probe", "pretrain", "fisher", "compose", "pool", "linearize", "evaluate", "stem"},
+    {"merging.*"},
     {"curvature", "editing", "finetune"},
     {"tmc"},
     {"methods.*"},
