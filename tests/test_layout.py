@@ -30,7 +30,7 @@ LAYERS: list[set[str]] = [
     {"methods.*"},
     {"config", "runfolder"},
     {"run", "workspace"},
-    {"probes.*", "tables.*", "measure"},
+    {"probes.*", "tables.*", "measure", "pool_stats", "merge_pool"},
     {"explore.*"},
     {"bench.*", "reproduce.*", "cli.*"},
     {""},  # compolab/__init__.py: the public API

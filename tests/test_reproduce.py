@@ -4,6 +4,7 @@ measured edits of a real small pool, and ``compolab reproduce``: the plan, bad i
 import csv
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from compolab.cli import main
 from compolab.editing import compose_pool, plan_composition
 from compolab.evaluate import evaluate_tasks
 from compolab.heads import IncrementalHead
+from compolab.io import file_sha256, write_json
 from compolab.measure import measure_edits, read_run
 from compolab.methods import get_method
 from compolab.models import fingerprint, theta0_of
@@ -28,6 +30,7 @@ from compolab.tables import (
     unlearning_table,
     write_table,
 )
+from compolab.tables.policy import MERGED_POOLS
 
 # --------------------------------------------------------------------------- tables, by hand
 
@@ -246,6 +249,8 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
             "naive-lora-s0",
         ]
     )
+    merged = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "merges")
+    assert merged == sorted(f"{m}-{s}-s0" for m, s in MERGED_POOLS)  # seed 0 of the merging table's pools
     assert all(j["status"] == "new" and j["cost"] > 0 for j in jobs)
     assert not (tmp_path / "c").exists()  # a plan creates nothing
 
@@ -274,6 +279,7 @@ def test_reproduce_resumes_a_half_made_cache(tmp_path, bench, backbone, monkeypa
         seeds=1,
         workers=1,
         notebooks=None,
+        merges=False,
         epochs=1,
         cache=str(tmp_path / "cache"),
         out=str(tmp_path / "figures"),
@@ -431,3 +437,39 @@ def test_read_run_takes_fa_after_each_task_from_the_accuracy_matrix(tmp_path, be
     assert record.fa_by_tasks == tuple(sum(r) / len(r) for r in matrix)
     assert len(record.fa_by_tasks) == 3
     assert record.fa_by_tasks[-1] == pytest.approx(record.final_accuracy, abs=0.01)
+
+
+def test_merges_jobs_follow_their_run_and_are_redone_when_the_grids_change(tmp_path, monkeypatch):
+    import compolab.merge_pool as mp
+
+    cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, notebooks=None,
+                          cache=str(tmp_path / "c"), out=str(tmp_path / "f"))  # fmt: skip
+    jobs = plan(cfg)
+    run, merges = jobs[0], next(j for j in jobs if j.kind == "merges")
+    assert merges.after == (run.name,) and merges.args["run_dir"] == run.args["out"]
+    assert not any(j.kind == "merges" for j in plan(replace(cfg, merges=False)))
+    out = Path(run.args["out"])
+    out.mkdir(parents=True)
+    write_json(out / "results.json", {"final_accuracy": 50.0})
+    Path(merges.args["path"]).parent.mkdir(parents=True)
+    write_json(merges.args["path"], {"results_sha256": file_sha256(out / "results.json"),
+                                     "grids": json.loads(json.dumps(mp.GRIDS)), "merges": []})  # fmt: skip
+    assert next(j for j in plan(cfg) if j.kind == "merges").status == "cached"
+    monkeypatch.setitem(mp.GRIDS, "ties", [{"density": 0.5, "scale": 1.0}])
+    assert next(j for j in plan(cfg) if j.kind == "merges").status == "new"  # another grid: merged again
+
+
+def test_reproduce_merges_a_pool_every_way_and_writes_the_merging_tables(tmp_path, bench, backbone):
+    from compolab.merging import MERGES
+
+    cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, workers=1, notebooks=None, epochs=1,
+                          cache=str(tmp_path / "cache"), out=str(tmp_path / "figures"))  # fmt: skip
+    summary = reproduce(cfg, progress=False, benchmark=bench, backbone=backbone)
+    assert summary["failed"] == {} and summary["done"] == 3 and summary["cpu_seconds"]["merges"] > 0
+    merges = next(j for j in plan(cfg) if j.kind == "merges")
+    results = json.loads(Path(merges.args["path"]).read_text())["merges"]
+    assert [r["merge"] for r in results] == ["task-arithmetic", *MERGES]  # the pool's composition first
+    assert results[0]["reference"] and results[0]["chosen"] == {}
+    table = read_table(tmp_path / "figures" / "tables" / "merging.csv")
+    assert table.columns == ["merge", "naive task arithmetic lora"] and len(table.rows) == 1 + len(MERGES)
+    assert (tmp_path / "figures" / "tables" / "merging_lens.md").exists()

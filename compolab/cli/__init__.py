@@ -1,5 +1,5 @@
-"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``probe``, ``bench``,
-``reproduce``.
+"""The ``compolab`` command: ``world``, ``pretrain``, ``data``, ``train``, ``compose``, ``merge``, ``stats``,
+``probe``, ``bench``, ``reproduce``.
 
 Every bad input ends with one line ``compolab: error: ...`` on stderr and exit status 2, before
 any work starts; a library error names its field, and :func:`main` writes the flag that sets it.

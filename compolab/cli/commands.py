@@ -16,7 +16,7 @@ from compolab.errors import CompolabError, ConfigError
 
 __all__ = [
     "cmd_world", "cmd_pretrain", "cmd_data", "cmd_train",
-    "cmd_compose", "cmd_probe", "cmd_bench", "cmd_reproduce",
+    "cmd_compose", "cmd_merge", "cmd_stats", "cmd_probe", "cmd_bench", "cmd_reproduce",
 ]  # fmt: skip
 
 
@@ -157,6 +157,7 @@ def _finish_ranks() -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from compolab.distributed import current_world
+    from compolab.methods import get_method
     from compolab.run import follow, run, run_config
 
     cfg = run_config(
@@ -177,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> None:
         fisher_samples=args.fisher_samples,
     )
     runtime = _runtime(args)
+    if args.save_stats and get_method(cfg.method).linearised:
+        raise ConfigError("--save-stats: a TMC pool holds tangents, not weights; it has no merge statistics")
     if not current_world().is_main:  # another torchrun rank: rank 0 writes and reports
         follow(cfg, args.out, resume=args.resume, runtime=runtime, data_root=args.root)
         _finish_ranks()
@@ -185,6 +188,13 @@ def cmd_train(args: argparse.Namespace) -> None:
                   data_root=args.root)  # fmt: skip
     _finish_ranks()
     summary = {k: results[k] for k in ("final_accuracy", "accuracy_matrix", "task_seconds")}
+    if args.save_stats:  # what Fisher merging and RegMean read (compolab merge)
+        from compolab.pool_stats import save_pool_statistics
+        from compolab.workspace import open_pool
+
+        opened = open_pool(Path(args.out) / "pool", runtime=runtime)
+        saved = save_pool_statistics(opened, fisher_images=100, progress=args.progress)  # as `compolab stats`
+        summary["stats"] = [str(p) for p in saved]
     summary["out"] = str(args.out)
     summary["runtime"] = runtime.describe()
     _emit(summary, args.json)
@@ -211,6 +221,30 @@ def cmd_compose(args: argparse.Namespace) -> None:
     )
     opened = open_pool(pool, tasks=plan.tasks + plan.negated, load_data=args.eval, runtime=_runtime(args))
     _emit(compose_and_evaluate(opened, plan, evaluate=args.eval, progress=args.progress), args.json)
+
+
+# --------------------------------------------------------------------------- merge, stats
+
+
+def cmd_merge(args: argparse.Namespace) -> None:
+    from compolab.merge_pool import merge_pool
+
+    result = merge_pool(args.pool, args.method, args.out, evaluate=args.eval, lens=args.eval,
+                        progress=args.progress)  # fmt: skip
+    _emit(result, args.json)
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from compolab.pool_stats import STAT_KINDS, save_pool_statistics
+    from compolab.workspace import open_pool
+
+    kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in STAT_KINDS]
+    if bad or not kinds:
+        raise ConfigError(f"--kind {args.kind!r}: choose from {', '.join(STAT_KINDS)} (comma-separated)")
+    paths = save_pool_statistics(open_pool(args.pool), kinds, fisher_images=args.fisher_images,
+                                 progress=args.progress)  # fmt: skip
+    _emit({"pool": args.pool, "kinds": kinds, "files": [str(p) for p in paths]}, args.json)
 
 
 # --------------------------------------------------------------------------- probe
@@ -267,7 +301,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
                              ("styles", _names(args.styles))) if v is not None},
         seeds=args.seeds, out=args.out, cache=args.cache, workers=args.workers,
         notebooks=None if args.no_notebooks else notebooks, num_tasks=args.num_tasks, epochs=args.epochs,
-        device=args.device,
+        device=args.device, merges=not args.no_merges,
     )  # fmt: skip
     if args.plan:
         jobs = plan(cfg)

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int), default=None)
     p.add_argument("--rank", type=_positive(int), default=None, help="LoRA rank r")
     p.add_argument("--out", required=True, help="run folder (pool/, results.json, log.txt)")
+    p.add_argument("--save-stats", action="store_true",
+                   help="also save the per-task Fishers and Gram matrices merges need (pool/stats/)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",
                    help="train only the first N tasks of the benchmark")  # fmt: skip
@@ -154,6 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", action="store_true", help="accuracy on the pool's benchmark")
     _runtime_flags(p)
     p.set_defaults(func=commands.cmd_compose)
+
+    p = sub.add_parser("merge", parents=[common], help="merge a pool's modules (TIES, DARE, RegMean, ...)")
+    p.add_argument("--pool", required=True, help="pool folder (a run's pool/; not TMC)")
+    p.add_argument("--method", required=True, help="task-arithmetic, ties, dare, dare-ties, fisher, regmean, "
+                   "tsv, iso-c or magmax")  # fmt: skip
+    p.add_argument("--out", default=None, help="folder of the merged pool (new); default: write nothing")
+    p.add_argument("--eval", action="store_true", help="test accuracy and second-order view of the choice")
+    p.set_defaults(func=commands.cmd_merge)
+
+    p = sub.add_parser("stats", parents=[common], help="per-task statistics of a pool that merges need")
+    p.add_argument("--pool", required=True, help="pool folder (a run's pool/)")
+    p.add_argument("--kind", default="fisher,grams", help="fisher (Fisher merging), grams (RegMean) or both")
+    p.add_argument("--fisher-images", type=_positive(int), default=100,
+                   help="the Fisher on this many training images per task (default 100)")  # fmt: skip
+    p.set_defaults(func=commands.cmd_stats)
 
     p = sub.add_parser("probe", help="loss-landscape / basin probes of a pool (figures + JSON)")
     kinds = p.add_subparsers(dest="what", parser_class=_Parser, required=True)
@@ -201,13 +218,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", action="store_true", help="list the jobs and their estimated cost; run nothing")
     p.add_argument("--workers", type=_positive(int), default=2, help="processes, one thread each")
     p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",
-                   help="tasks per run (default: 3 on tiny, all on paper)")  # fmt: skip
+                   help="tasks per run (default: all; tiny: the 10 of tiny10)")  # fmt: skip
     p.add_argument("--epochs", type=_positive(int), default=None,
                    help="epochs per task (default: the preset's)")  # fmt: skip
     p.add_argument("--methods", default=None, help="methods of the grid, e.g. ita,iel (default: the tables')")
     p.add_argument("--styles", default=None, help="tuning styles of the grid, e.g. lora (default: all)")
     p.add_argument("--notebooks", default=None, help="notebooks folder (default: ./notebooks on tiny)")
     p.add_argument("--no-notebooks", action="store_true", help="make the tables only")
+    p.add_argument("--no-merges", action="store_true", help="skip the merging tables (compolab merge)")
     p.add_argument("--device", default="cpu", help="training device: cpu (default), cuda or auto")
     p.set_defaults(func=commands.cmd_reproduce)
     return parser

@@ -15,9 +15,13 @@ One command, one overall progress bar, four kinds of jobs:
    hash of its config: a finished run is reused, a killed one resumes (the kit's ``--resume``), a
    changed config is a new run;
 2. **edits** of every editable pool of the editing style (:func:`compolab.measure.measure_edits`),
-   cached as JSON next to the runs;
-3. **tables** under ``<out>/tables/``: composition, unlearning, specialization (markdown + CSV,
-   :mod:`compolab.tables`), written as soon as the runs and edits are done;
+   cached as JSON next to the runs, and **merges** of the seed-0 pools of
+   :data:`~compolab.tables.policy.MERGED_POOLS` (:func:`compolab.reproduce.runs.job_merges`: the
+   pool's statistics, then every merge of :mod:`compolab.merging` with its validation grid and its
+   second-order view), cached likewise (``merges=False`` skips them);
+3. **tables** under ``<out>/tables/``: composition, unlearning, specialization, FA after T tasks
+   and the merging tables (markdown + CSV, :mod:`compolab.tables`), written as soon as the runs,
+   edits and merges are done;
 4. **notebooks** that save figures, executed in place by ``jupyter nbconvert`` (inline figures
    embedded, each figure also written to ``<out>`` through ``COMPOLAB_FIGURES_DIR``); a notebook
    that reads ``figures/tables`` runs after the tables. A notebook is skipped when neither its code nor the

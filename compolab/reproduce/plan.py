@@ -15,10 +15,11 @@ from pathlib import Path
 from compolab.config import TINY_DATASETS, get_preset
 from compolab.errors import ConfigError
 from compolab.io import canonical_json, file_sha256, read_json
+from compolab.merge_pool import GRIDS
 from compolab.methods import get_method
 from compolab.reproduce.notebooks import notebook_key, notebook_record
 from compolab.run import RunConfig, run_config
-from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, SEEDED_ROWS, TABLE_METHODS
+from compolab.tables.policy import CLAIM_METHODS, MERGED_POOLS, SAME_RUN, SEEDED_ROWS, TABLE_METHODS
 from compolab.tuning import STYLES
 
 __all__ = ["ReproduceConfig", "Job", "plan", "format_plan", "CLI_FLAGS"]
@@ -35,8 +36,8 @@ TINY_EPOCHS = 3
 SECONDS_PER_IMAGE_EPOCH = {"full": 5.0e-3, "lora": 4.5e-3, "ia3": 4.0e-3}
 #: A linearised (TMC) step costs about this many plain ones (``compolab bench tmc``).
 LINEARISED_FACTOR = 2.0
-#: Default estimates of the other jobs (seconds) until the cache holds measured ones.
-EDITS_SECONDS, NOTEBOOK_SECONDS = 10.0, 90.0
+#: Estimates of the other jobs (seconds, one thread; a cold ``compolab reproduce`` of tiny10).
+EDITS_SECONDS, MERGES_SECONDS, NOTEBOOK_SECONDS = 55.0, 150.0, 90.0
 #: The fields whose ``compolab reproduce`` flag is not ``--`` + the field (``_`` → ``-``).
 CLI_FLAGS: dict[str, str] = {"num_tasks": "--tasks"}
 #: The fields :meth:`ReproduceConfig.command` spells when they differ from the default, in order.
@@ -62,6 +63,8 @@ class ReproduceConfig:
         edit_style: The style of the editing tables and of the extra seeds.
         device: Training device (``cpu``, ``cuda``, ``auto``).
         negate_coef: γ of negated modules, relative to the kept ones' weight.
+        merges: Merge the pools of :data:`~compolab.tables.policy.MERGED_POOLS` every way
+            (:mod:`compolab.merging`) for the merging tables.
 
     Raises:
         ConfigError: For a bad field; the message names it in backticks (``seeds``, ...).
@@ -81,6 +84,7 @@ class ReproduceConfig:
     edit_style: str = "lora"
     device: str = "cpu"
     negate_coef: float = 1.0
+    merges: bool = True
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -210,17 +214,27 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
         edited = rc.finetune.style == cfg.edit_style and rc.method_cfg.ablation == "none" and seeded
         if method.editable and edited:
             path = cache / "edits" / f"{name}.json"
-            done = (
-                status == "cached"
-                and path.exists()
-                and read_json(path).get("results_sha256") == file_sha256(out / "results.json")
-            )
+            done = _measured(status, path, out)
             cost = EDITS_SECONDS * (LINEARISED_FACTOR if method.linearised else 1.0)
             args = {"run_dir": str(out), "path": str(path), "negate_coef": cfg.negate_coef,
                     "device": cfg.device}  # fmt: skip
             jobs.append(Job("edits", f"edits {name}", cost, args, after=(name,),
                             status="cached" if done else "new"))  # fmt: skip
+        merged = (rc.method, rc.finetune.style) in MERGED_POOLS and rc.method_cfg.ablation == "none"
+        if cfg.merges and merged and rc.finetune.seed == 0:
+            path = cache / "merges" / f"{name}.json"
+            args = {"run_dir": str(out), "path": str(path)}
+            grids = json.loads(json.dumps(GRIDS))  # as the cache holds them
+            done = _measured(status, path, out) and read_json(path).get("grids") == grids
+            jobs.append(Job("merges", f"merges {name}", MERGES_SECONDS, args, after=(name,),
+                            status="cached" if done else "new"))  # fmt: skip
     return jobs
+
+
+def _measured(status: str, path: Path, out: Path) -> bool:
+    """Whether a cached measurement of a finished run is of its current results."""
+    return status == "cached" and path.exists() and \
+        read_json(path).get("results_sha256") == file_sha256(out / "results.json")  # fmt: skip
 
 
 def _notebook_jobs(cfg: ReproduceConfig, fresh_tables: bool) -> list[Job]:

@@ -1,5 +1,6 @@
 """The job functions of ``compolab reproduce``, as worker processes call them: train a run, measure
-the edits of its pool, execute a notebook (:mod:`compolab.reproduce.notebooks`).
+the edits of its pool, merge its pool every way (:mod:`compolab.merging`), execute a notebook
+(:mod:`compolab.reproduce.notebooks`).
 
 A worker receives ``(kind, args)`` and calls :func:`execute`; every function here is importable by
 name, so ``spawn`` workers find them.
@@ -15,7 +16,11 @@ from compolab.measure import measure_edits
 from compolab.reproduce.notebooks import job_notebook
 from compolab.run import RunConfig, run
 
-__all__ = ["init_worker", "job_run", "job_edits", "execute"]
+__all__ = ["init_worker", "job_run", "job_edits", "job_merges", "execute"]
+
+#: Training images per task behind each Fisher of Fisher merging (the exact Fisher costs one
+#: backward per class: ≈ 5 s per task of ``tiny10`` on one thread at 100 images).
+MERGE_FISHER_IMAGES = 100
 
 
 def init_worker() -> None:
@@ -50,8 +55,28 @@ def job_edits(run_dir: str, path: str, negate_coef: float = 1.0, device: str = "
     write_json(path, edits)
 
 
+def job_merges(run_dir: str, path: str, fisher_images: int = MERGE_FISHER_IMAGES, benchmark=None,
+               backbone=None) -> None:  # fmt: skip
+    """Every merge of one run's pool (:func:`compolab.merge_pool.merge_pool`, the second-order view
+    included) and the pool's own composition, cached as JSON (tagged like :func:`job_edits`)."""
+    from compolab.merge_pool import GRIDS, MergeContext, merge_pool
+    from compolab.merging import MERGES
+    from compolab.pool_stats import STAT_KINDS, has_pool_statistics, save_pool_statistics
+
+    pool = Path(run_dir) / "pool"
+    ctx = MergeContext.of(pool, bench=benchmark, backbone=backbone)
+    kinds = [k for k in STAT_KINDS if not has_pool_statistics(pool, k, ctx.opened.tasks)]
+    if kinds:
+        save_pool_statistics(ctx.opened, kinds, fisher_images=fisher_images)
+    reference = merge_pool(pool, "task-arithmetic", grid=[{}], context=ctx)  # w_t = 1/T: the composition
+    results = [{**reference, "reference": True}] + [merge_pool(pool, name, context=ctx) for name in MERGES]
+    out = {"results_sha256": file_sha256(Path(run_dir) / "results.json"), "grids": GRIDS, "merges": results}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, out)
+
+
 #: ``kind -> job function`` of each :class:`~compolab.reproduce.plan.Job`.
-_FUNCTIONS = {"run": job_run, "edits": job_edits, "notebook": job_notebook}
+_FUNCTIONS = {"run": job_run, "edits": job_edits, "merges": job_merges, "notebook": job_notebook}
 
 
 def execute(kind: str, args: dict) -> float:

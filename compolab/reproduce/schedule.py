@@ -18,20 +18,23 @@ from compolab.io import write_json
 from compolab.reproduce.notebooks import record_notebook
 from compolab.reproduce.plan import Job, ReproduceConfig, plan
 from compolab.reproduce.runs import execute, init_worker
-from compolab.tables.write import write_run_tables
+from compolab.tables.write import write_merge_tables, write_run_tables
 
 __all__ = ["reproduce", "write_tables"]
 
 
 def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
-    """The three tables of the finished runs in ``jobs``, as markdown + CSV under ``<out>/tables``."""
+    """The tables of the finished runs in ``jobs`` (and of their merges), as markdown + CSV under
+    ``<out>/tables``."""
     edits = {j.args["run_dir"]: j.args["path"] for j in jobs
              if j.kind == "edits" and Path(j.args["path"]).exists()}  # fmt: skip
     runs = [(j.args["out"], edits.get(j.args["out"])) for j in jobs if j.kind == "run"]
     data = f"{cfg.benchmark}, " if cfg.benchmark else ""
     made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {data}{cfg.tasks or 'all'} tasks)._"
-    return write_run_tables(runs, Path(cfg.out) / "tables", methods=cfg.methods, style=cfg.edit_style,
-                            made=made)  # fmt: skip
+    merges = [(j.args["run_dir"], j.args["path"]) for j in jobs if j.kind == "merges"]
+    tables = Path(cfg.out) / "tables"
+    return write_run_tables(runs, tables, methods=cfg.methods, style=cfg.edit_style, made=made) + \
+        write_merge_tables(merges, tables, made=made)  # fmt: skip
 
 
 def _ready(job: Job, done: set[str], tables: bool) -> bool:
@@ -40,8 +43,8 @@ def _ready(job: Job, done: set[str], tables: bool) -> bool:
 
 
 def _priority(job: Job) -> tuple:
-    """Runs, then edits, then notebooks; the longest first; by name."""
-    return ({"run": 0, "edits": 1, "notebook": 2}[job.kind], -(job.cost or 0.0), job.name)
+    """Runs, then edits and merges, then notebooks; the longest first; by name."""
+    return ({"run": 0, "edits": 1, "merges": 1, "notebook": 2}[job.kind], -(job.cost or 0.0), job.name)
 
 
 def reproduce(

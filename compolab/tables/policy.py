@@ -10,6 +10,8 @@ Examples:
     (('ita', 'iel'), {('ita', 'no-reg'): ('naive', 'none')})
     >>> SEEDED_ROWS
     (('naive', 'lora'), ('ita', 'full'), ('naive', 'full'))
+    >>> MERGED_POOLS[:3]
+    (('ita', 'lora'), ('iel', 'lora'), ('naive', 'lora'))
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from compolab.methods.baselines import Joint, Naive, Sequential
 from compolab.methods.ita_iel import IEL, ITA
 from compolab.methods.tangent import TMC
 
-__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS"]
+__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS", "MERGED_POOLS"]
 
 #: Rows of the kit's tables (:mod:`compolab.tables`, ``compolab reproduce``), in order: the paper's
 #: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
@@ -33,3 +35,8 @@ CLAIM_METHODS: tuple[str, ...] = (ITA.name, IEL.name)
 #: (ITA vs ITA without Eq. 12 = naive task arithmetic) in LoRA and full fine-tuning is asserted on a
 #: mean over seeds, like the claim methods in the editing style.
 SEEDED_ROWS: tuple[tuple[str, str], ...] = ((Naive.name, "lora"), (ITA.name, "full"), (Naive.name, "full"))
+#: The pools every merge of :mod:`compolab.merging` is applied to (seed 0), ``(method, style)``:
+#: the columns of the merging table.
+MERGED_POOLS: tuple[tuple[str, str], ...] = tuple(
+    (m.name, style) for style in ("lora", "full") for m in (ITA, IEL, Naive)
+)

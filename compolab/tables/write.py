@@ -1,4 +1,4 @@
-"""The three editing tables of a set of run folders, written as markdown + CSV.
+"""The editing tables of a set of run folders, and the merging tables of their pools, as markdown + CSV.
 
 Not re-exported by :mod:`compolab.tables`: it reads run folders through
 :func:`compolab.measure.read_run`, and :mod:`compolab.measure` imports :mod:`compolab.tables`.
@@ -20,10 +20,11 @@ from compolab.tables.build import (
     specialization_table,
     unlearning_table,
 )
+from compolab.tables.merging import merging_lens_table, merging_table
 from compolab.tables.policy import SAME_RUN
 from compolab.tables.table import write_table
 
-__all__ = ["read_records", "write_run_tables"]
+__all__ = ["read_records", "write_merge_tables", "write_run_tables"]
 
 
 def read_records(
@@ -84,5 +85,35 @@ def write_run_tables(
                                ("specialization", specialization_table(records, style), []),
                                ("fa_by_tasks", fa_by_tasks_table(records), [])):  # fmt: skip
         table.note = "\n\n".join([table.note, *extra, made]).strip()
+        paths += write_table(table, out_dir, stem)
+    return paths
+
+
+def write_merge_tables(
+    merges: Sequence[tuple[str, str]], out_dir: str | Path, *, made: str = ""
+) -> list[Path]:
+    """The merging tables (:mod:`compolab.tables.merging`) of cached merge results, in ``out_dir``.
+
+    Args:
+        merges: ``(run folder, merges JSON)`` pairs (``compolab reproduce``'s merges jobs); the
+            column of a pool is its run's method label and tuning style, e.g. ``ITA lora``.
+        out_dir: The tables' folder (created).
+        made: A last line of every note.
+
+    Returns:
+        The paths written (none when no merge result exists).
+    """
+    pools: dict[str, list] = {}
+    for run_dir, path in merges:
+        if not Path(path).exists():
+            continue
+        cfg = read_json(Path(run_dir) / "results.json", what="run results")["config"]
+        label = f"{get_method(cfg['method']).label or cfg['method']} {cfg['finetune']['style']}"
+        pools[label] = read_json(path, what="merge results")["merges"]
+    if not pools:
+        return []
+    paths: list[Path] = []
+    for stem, table in (("merging", merging_table(pools)), ("merging_lens", merging_lens_table(pools))):
+        table.note = "\n\n".join([table.note, made]).strip()
         paths += write_table(table, out_dir, stem)
     return paths
