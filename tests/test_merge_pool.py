@@ -207,3 +207,18 @@ def test_train_save_stats_makes_a_pool_fisher_merging_and_regmean_accept(tmp_pat
     bad = ["train", "--method", "tmc", "--out", str(tmp_path / "tmc"), "--save-stats", "--no-progress"]
     assert main(bad) == 2 and "--save-stats" in capsys.readouterr().err
     assert not (tmp_path / "tmc").exists()
+
+
+def test_a_merged_pool_opens_in_the_probes_and_the_explorer(pool_dir, tmp_path):
+    from compolab.explore.engine import Explorer
+    from compolab.probes import open_pool_probe
+
+    merge_pool(pool_dir, "ties", tmp_path / "merged", grid=[{"density": 0.5, "scale": 0.5}], lens=False)
+    probe = open_pool_probe(tmp_path / "merged", per_task=4)
+    assert len(probe.taus) == 3  # one module per task, each the merged τ
+    explorer = Explorer.from_pool(tmp_path / "merged", per_task=1000)  # parallel modules: a singular plane
+    view = explorer.evaluate(explorer.default_edit())
+    merged = open_pool(tmp_path / "merged")
+    expected = compose_and_evaluate(merged, plan_composition(merged.tasks))["per_task_accuracy"]
+    assert {str(t): round(a, 2) for t, a in view.accuracy.items()} == pytest.approx(expected, abs=0.01)
+    assert view.off_plane == pytest.approx(0.0, abs=1e-6)  # Σ_t τ_t / T lies on the plane of τ_0 and τ_1

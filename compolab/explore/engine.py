@@ -206,12 +206,13 @@ class Explorer:
         self, coefs: Sequence[float], pair: tuple[int, int] | None = None
     ) -> tuple[tuple[float, float], float]:
         r"""``((a, b), off)``: the least-squares coordinates of :math:`\Delta = \sum_t c_t\tau_t` on
-        the plane :math:`a\tau_i + b\tau_j` and the relative distance of Δ from it (:math:`O(T^2)`)."""
+        the plane :math:`a\tau_i + b\tau_j` and the relative distance of Δ from it (:math:`O(T^2)`);
+        the minimum-norm ones when τ_i and τ_j are parallel (the modules of a merged pool)."""
         i, j = self._pair(pair)
         c = torch.tensor([float(v) for v in coefs], dtype=torch.float64)
         idx = [self.modules.index(i), self.modules.index(j)]
         rhs = self.gram[idx] @ c
-        ab = torch.linalg.solve(self.gram[idx][:, idx], rhs)
+        ab = torch.linalg.pinv(self.gram[idx][:, idx]) @ rhs  # min-norm: parallel modules (a merged pool)
         total = float(c @ self.gram @ c)
         residual = max(total - float(ab @ rhs), 0.0)
         return (float(ab[0]), float(ab[1])), (residual / total) ** 0.5 if total > 0 else 0.0
