@@ -35,7 +35,8 @@ squaring, K-FAC-expand does not: the two then differ by more than the Kronecker 
 **Biases** are not covered: only the 2-D weights named (the backbone's tuned weights by default).
 
 **Several tasks.** A sum of Kronecker products is not a Kronecker product, so :class:`KFAC` has no
-``+``: keep one :class:`KFAC` per task and add their quadratics (:func:`kfac_penalty`).
+``+``: keep one :class:`KFAC` per task and add their quadratics (:func:`kfac_penalty`,
+:func:`iel_kfac_penalty`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ from compolab.errors import CompolabError, ConfigError
 from compolab.fisher import _Classifier, _columns, _evaluation_point, _split_batch, _tracked_names
 from compolab.io import write_safetensors
 
-__all__ = ["FISHER_TYPES", "KFAC_APPROX", "KIND_TO_FISHER_TYPE", "KFAC", "kfac_at", "kfac_penalty"]
+__all__ = ["FISHER_TYPES", "KFAC_APPROX", "KIND_TO_FISHER_TYPE", "KFAC", "kfac_at", "kfac_penalty",
+           "iel_kfac_penalty"]
 
 #: curvlinops' Fisher types offered here (its ``"forward-only"`` is not a Fisher).
 FISHER_TYPES = ("type-2", "mc", "empirical")
@@ -334,7 +336,61 @@ def kfac_penalty(
     """
     if not kfacs:
         return torch.zeros(())
+    weights = _weights(kfacs)
+    return 0.5 * alpha * sum(w * k.quadratic(tau, strict=strict) for w, k in zip(weights, kfacs, strict=True))
+
+
+def _weights(kfacs: Sequence[KFAC]) -> list[float]:
+    """:math:`w_k = n_k / N`, each task's share of the samples (the accumulator's mean)."""
     total = sum(k.num_samples for k in kfacs)
     if total == 0:
         raise ConfigError("the K-FACs of the penalty hold no samples")
-    return 0.5 * alpha * sum(k.num_samples / total * k.quadratic(tau, strict=strict) for k in kfacs)
+    return [k.num_samples / total for k in kfacs]
+
+
+def iel_kfac_penalty(
+    tau: Mapping[str, Tensor],
+    previous: Mapping[str, Tensor],
+    kfacs: Sequence[KFAC],
+    beta: float,
+    t: int,
+    *,
+    strict: bool = True,
+) -> Tensor:
+    r"""IEL's penalty (Eq. 18–19) with one K-FAC per task, T = t + 1 (T := 2 at t = 0):
+
+    .. math:: \beta\Big[\tfrac12\big(1-\tfrac1T\big)\sum_k w_k\,\tau_t^\top K_k\tau_t
+              - \tfrac1T \sum_k w_k\,\tau_t^\top K_k \sum_{s<t}\tau_s\Big],
+              \qquad w_k = \frac{n_k}{\sum_j n_j},
+
+    :func:`~compolab.methods.penalties.iel_penalty` with its running mean :math:`\bar F^{IEL}_t =
+    \sum_k w_k \bar F_k` (tasks :math:`k \le t`, the current one included) as :math:`\sum_k w_k K_k`,
+    without the accumulator's prior :math:`\epsilon`; the cross term through :meth:`KFAC.matvec`.
+
+    Args:
+        tau: :math:`\tau_t`, ``name -> ΔW``.
+        previous: :math:`\sum_{s<t}\tau_s` (empty at t = 0: no cross term).
+        kfacs: One :class:`KFAC` per task :math:`k \le t` (at :math:`\theta_0`).
+        beta: :math:`\beta \ge 0`.
+        t: The task index (0-based).
+        strict: Passed to :meth:`KFAC.quadratic`; if False, weights without factors are ignored.
+
+    Returns:
+        The scalar penalty, differentiable in ``tau``.
+
+    Examples:
+        >>> import torch
+        >>> k = KFAC({"w": (torch.eye(1), torch.eye(1))}, num_samples=1)
+        >>> d, s = {"w": torch.tensor([[2.0]])}, {"w": torch.tensor([[1.0]])}
+        >>> iel_kfac_penalty(d, s, [k], beta=1.0, t=1)  # 0.5 * 0.5 * 4 - 0.5 * 2, as iel_penalty
+        tensor(0.)
+    """
+    if not kfacs:
+        return torch.zeros(())
+    T = 2 if t == 0 else t + 1
+    self_term = cross = torch.zeros(())
+    for w, k in zip(_weights(kfacs), kfacs, strict=True):
+        self_term = self_term + w * k.quadratic(tau, strict=strict)
+        shared = [n for n in tau if n in previous and n in k.factors]
+        cross = cross + w * sum((tau[n] * k.matvec(n, previous[n])).sum() for n in shared)
+    return beta * (0.5 * (1 - 1 / T) * self_term - cross / T)

@@ -78,15 +78,22 @@ class RunConfig:
     num_tasks: int | None = None
 
     def __post_init__(self) -> None:
-        get_method(self.method)  # validates the name
+        method = get_method(self.method)  # validates the name
         get_preset(self.preset)  # validates the name
         if self.num_tasks is not None and self.num_tasks <= 0:
             raise ConfigError(f"`num_tasks` must be > 0, got {self.num_tasks}")
+        curvature, accepted = self.method_cfg.curvature, getattr(method, "curvatures", ("diag",))
+        if curvature not in accepted:  # ITA and IEL name theirs; any other method has the diagonal only
+            raise ConfigError(f"`curvature` {curvature!r}: `method` {self.method!r} takes only "
+                              f"{list(accepted)}")  # fmt: skip
+        if curvature == "kfac" and self.method_cfg.fisher_top_k is not None:
+            raise ConfigError("`curvature` 'kfac' takes no `fisher_top_k` (a knob of the diagonal Fisher)")
 
     def to_json(self) -> dict:
         data = asdict(self)
         if data["num_tasks"] is None:  # configs of whole benchmarks keep their earlier form
             del data["num_tasks"]
+        data["method_cfg"] = self.method_cfg.to_json()  # `curvature` only when not "diag", likewise
         return data
 
     @classmethod
@@ -295,6 +302,7 @@ def run_config(
     checkpoint: str | None = None,
     num_tasks: int | None = None,
     fisher_samples: int | None = None,
+    curvature: str = "diag",
 ) -> RunConfig:
     """A run configuration from a preset's defaults (:func:`compolab.config.preset_configs`) plus
     explicit overrides (``compolab train``).
@@ -307,6 +315,7 @@ def run_config(
     ft_changes = {"epochs": epochs, "lr": lr, "batch_size": batch_size, "rank": rank}
     ft = replace(ft, **{k: v for k, v in ft_changes.items() if v is not None})
     mc_changes = {"alpha": alpha, "beta": beta, "fisher_samples": fisher_samples}
-    mc = replace(mc, ablation=ablation, **{k: v for k, v in mc_changes.items() if v is not None})
+    mc = replace(mc, ablation=ablation, curvature=curvature,
+                 **{k: v for k, v in mc_changes.items() if v is not None})  # fmt: skip
     return RunConfig(method=method, preset=p.name, dataset=dataset, finetune=ft, method_cfg=mc,
                      checkpoint=checkpoint, num_tasks=num_tasks)  # fmt: skip

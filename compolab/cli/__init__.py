@@ -20,11 +20,13 @@ __all__ = ["main", "build_parser"]
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the exit status."""
     parser = build_parser()
+    args = None
     try:
         args = parser.parse_args(argv)
         args.func(args)
     except CompolabError as e:
-        print(f"compolab: error: {e.for_flags(flags_of(parser))}", file=sys.stderr)
+        flags = flags_of(parser, getattr(args, "command", None))  # the flags of the sub-command that ran
+        print(f"compolab: error: {e.for_flags(flags)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("compolab: interrupted", file=sys.stderr)

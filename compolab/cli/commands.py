@@ -176,6 +176,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         checkpoint=args.checkpoint,
         num_tasks=args.num_tasks,
         fisher_samples=args.fisher_samples,
+        curvature=args.curvature,
     )
     runtime = _runtime(args)
     if args.save_stats and get_method(cfg.method).linearised:

@@ -143,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", default=None, help="folder of the real datasets ($COMPOLAB_DATA)")
     p.add_argument("--fisher-samples", type=_positive(int), default=None, metavar="N",
                    help="ITA/IEL: the Fisher on a seeded subset of N images per task (default: the preset's)")
+    p.add_argument("--curvature", default="diag",
+                   help="ITA/IEL: the penalty's Fisher at θ0, diag (the paper's) or kfac")  # fmt: skip
     _runtime_flags(p, training=True)
     p.set_defaults(func=commands.cmd_train)
 
@@ -239,14 +241,19 @@ FIELD_FLAGS = {"style": "--tuning", "lambda_range": "--range", "curvature": "--s
                "data_root": "--root", "coefs": "--weights"}  # fmt: skip
 
 
-def flags_of(parser: argparse.ArgumentParser) -> dict[str, str]:
+def flags_of(parser: argparse.ArgumentParser, command: str | None = None) -> dict[str, str]:
     """``field -> flag`` of every option of ``parser`` and its sub-commands (``num_tasks`` ->
-    ``--tasks``), plus :data:`FIELD_FLAGS`."""
+    ``--tasks``), plus :data:`FIELD_FLAGS`; the options of sub-command ``command`` (the one that
+    ran) win, so ``train``'s ``curvature`` is ``--curvature``, not ``probe``'s ``--second-order``."""
     flags: dict[str, str] = {}
+    own: dict[str, str] = {}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
-            for sub in action.choices.values():
+            for name, sub in action.choices.items():
                 flags.update(flags_of(sub))
+                if name == command:
+                    own = {a.dest: max(a.option_strings, key=len) for a in sub._actions
+                           if a.option_strings and a.dest != "help"}  # fmt: skip
         elif action.option_strings and action.dest != "help":
             flags.setdefault(action.dest, max(action.option_strings, key=len))
-    return {**flags, **FIELD_FLAGS}
+    return {**flags, **FIELD_FLAGS, **own}

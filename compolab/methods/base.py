@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -29,11 +29,12 @@ from compolab.pool import PoolEntry
 from compolab.runtime import Runtime
 from compolab.task_vector import TaskVector, uniform_coefs
 
-__all__ = ["ABLATIONS", "MethodConfig", "Method", "MergedMethod", "TaskContext"]
+__all__ = ["ABLATIONS", "CURVATURES", "MethodConfig", "Method", "MergedMethod", "TaskContext"]
 
 #: ``none``; ``no-reg`` ("without Eq. 12 / 19": no backbone and no head penalty); ``cls-only``
 #: ("reg only on CLS": the head penalty only).
 ABLATIONS = ("none", "no-reg", "cls-only")
+CURVATURES = ("diag", "kfac")  #: ``MethodConfig.curvature``: the paper's diagonal Fisher, or K-FAC
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class MethodConfig:
         mc_samples: Labels drawn per image by the ``mc`` Fisher.
         decoupled: Apply the penalty as the paper's separate SGD step; None = the paper's choice
             (LoRA and (IA)³ decoupled, full fine-tuning coupled).
+        curvature: The backbone penalty's Fisher at θ0, ``diag`` or ``kfac`` (:mod:`compolab.kfac`).
     """
 
     alpha: float = 1.0
@@ -78,6 +80,7 @@ class MethodConfig:
     fisher_samples: int | None = None
     mc_samples: int = 1
     decoupled: bool | None = None
+    curvature: str = "diag"
 
     def __post_init__(self) -> None:
         for f in ("alpha", "beta", "ewc_lambda", "simple_reg_weight_cls", "pretune_lr"):
@@ -100,6 +103,12 @@ class MethodConfig:
             value = getattr(self, f)
             if value is not None and value <= 0:
                 raise ConfigError(f"MethodConfig `{f}` must be > 0, got {value}")
+        if self.curvature not in CURVATURES:
+            raise ConfigError(f"`curvature` {self.curvature!r} is unknown; choose one of {list(CURVATURES)}")
+
+    def to_json(self) -> dict:
+        """The fields; ``curvature`` only when not ``diag``: older configs and cache names are unchanged."""
+        return {k: v for k, v in asdict(self).items() if (k, v) != ("curvature", "diag")}
 
 
 @runtime_checkable

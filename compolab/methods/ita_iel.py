@@ -7,7 +7,8 @@ Per task t, in order (as the official code):
    anchor of the head penalty.
 2. **Fisher at θ0** with :math:`C_{pre}` on the task's training data, accumulated by
    :class:`~compolab.fisher.FisherAccumulator`: ITA uses the mean Fisher of the *previous* tasks,
-   IEL the running mean *including* the current one.
+   IEL the running mean *including* the current one. With ``curvature="kfac"``, one K-FAC per task
+   (:mod:`compolab.kfac`) weighted the same way, and no :math:`\epsilon` prior.
 3. **Training** of τ_t and h_t (:func:`~compolab.finetune.finetune_task`):
 
    * ITA: forward θ0 + τ_t, penalty :func:`~compolab.methods.penalties.ita_penalty`;
@@ -23,7 +24,7 @@ Per task t, in order (as the official code):
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +33,13 @@ from torch.utils.data import Subset
 
 from compolab.data import make_loader
 from compolab.distributed import current_world, owner_of, rank_local
+from compolab.errors import ConfigError
 from compolab.finetune import finetune_task
 from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
 from compolab.heads import ClassGaussians, IncrementalHead, new_head, pretune_heads
+from compolab.kfac import KFAC, iel_kfac_penalty, kfac_at, kfac_penalty
 from compolab.linear_probe import extract_features
-from compolab.methods.base import MergedMethod, TaskContext
+from compolab.methods.base import CURVATURES, MergedMethod, TaskContext
 from compolab.methods.parallel import share_entry, share_fisher
 from compolab.methods.penalties import head_penalty, iel_penalty, ita_penalty, linear_head_fisher
 from compolab.methods.state import SecondOrderState, load_second_order_state, save_second_order_state
@@ -49,10 +52,13 @@ __all__ = ["ITA", "IEL", "task_fisher"]
 FISHER_BATCH = 64  # images per batch of the Fisher pass (memory only: the sum is exact)
 
 
-def task_fisher(ctx: TaskContext, t: int, head: nn.Module, model: nn.Module | None = None) -> DiagonalFisher:
+def task_fisher(
+    ctx: TaskContext, t: int, head: nn.Module, model: nn.Module | None = None, *, kfac: bool = False
+) -> DiagonalFisher | KFAC:
     """Fisher of ``head(model(x))`` (default model: θ0) on task t's training data (or a seeded subset).
 
     Runs on ``ctx.device`` under its autocast (bf16 forward and backward, float32 sums of squares).
+    With ``kfac``, its K-FAC instead (:func:`~compolab.kfac.kfac_at`, float32): same images, head and kind.
     """
     data = ctx.bench.tasks[t].train
     gen = torch.Generator().manual_seed(ctx.finetune.seed * 1000 + t)
@@ -63,6 +69,9 @@ def task_fisher(ctx: TaskContext, t: int, head: nn.Module, model: nn.Module | No
     loader = make_loader(data, FISHER_BATCH, num_workers=ctx.runtime.workers if cuda else 0)
     model = ctx.backbone if model is None else model
     head = copy.deepcopy(head).to(ctx.device)  # C_pre stays on the CPU with the class statistics
+    if kfac:
+        return kfac_at(model, head, loader, ctx.names, fisher_type=ctx.cfg.fisher_kind,
+                       mc_samples=ctx.cfg.mc_samples, seed=ctx.finetune.seed * 1000 + t)  # fmt: skip
     with ctx.runtime.autocast_context():
         return diagonal_fisher(model, head, loader, names=ctx.names, kind=ctx.cfg.fisher_kind,
                                top_k=ctx.cfg.fisher_top_k, mc_samples=ctx.cfg.mc_samples, generator=gen,
@@ -94,12 +103,13 @@ class _Prepared:
 
     Attributes:
         cpre: :math:`C_{pre}` after task t's pre-tuning.
-        fisher: :math:`f_t`, task t's Fisher at θ0 with :math:`C_{pre}` (None without the backbone penalty).
+        fisher: :math:`f_t`, task t's Fisher at θ0 with :math:`C_{pre}`, or its K-FAC (``curvature="kfac"``);
+            None without the backbone penalty.
         cls_fisher: The head penalty's Fisher of head t (CPU).
     """
 
     cpre: IncrementalHead
-    fisher: DiagonalFisher | None
+    fisher: DiagonalFisher | KFAC | None
     cls_fisher: dict[str, Tensor]
 
 
@@ -107,6 +117,7 @@ class _SecondOrder(MergedMethod):
     """ITA and IEL: one code path, ``incremental`` tells them apart."""
 
     incremental: bool = False
+    curvatures = CURVATURES  # MethodConfig.curvature values it takes (other methods: "diag" only)
 
     def new_state(self) -> SecondOrderState:
         return SecondOrderState()
@@ -118,7 +129,8 @@ class _SecondOrder(MergedMethod):
         """Pre-tune C_pre (updates ``state.stats``) and, with ``fisher``, compute f_t at θ0."""
         cfg, iel = ctx.cfg, self.incremental
         cpre = _pretune(ctx, state, t)
-        f_t = task_fisher(ctx, t, cpre) if cfg.ablation == "none" and fisher else None
+        kfac = cfg.curvature == "kfac"
+        f_t = task_fisher(ctx, t, cpre, kfac=kfac) if cfg.ablation == "none" and fisher else None
         # head Fisher on synthetic features: ITA classes of tasks 0..t, IEL tasks 0..t-1 (official code)
         seen = [c for cs in cpre.classes[: t if iel else t + 1] for c in cs]
         if seen:
@@ -132,13 +144,17 @@ class _SecondOrder(MergedMethod):
         return _Prepared(cpre, f_t, {k: v + 1e-5 for k, v in cls_fisher.items()})
 
     def _fit(
-        self, ctx: TaskContext, t: int, prep: _Prepared, previous_fisher: DiagonalFisher | None
-    ) -> PoolEntry:
-        """Train τ_t and h_t given the prepared C_pre / Fishers and the Fisher sum of tasks < t."""
+        self, ctx: TaskContext, t: int, prep: _Prepared, previous_fisher: DiagonalFisher | None,
+        previous_kfacs: Sequence[KFAC] = (),
+    ) -> PoolEntry:  # fmt: skip
+        """Train τ_t and h_t given the prepared C_pre / Fishers and the Fisher sum (K-FACs) of tasks < t."""
         cfg, task, iel = ctx.cfg, ctx.bench.tasks[t], self.incremental
         dev = ctx.device
-        backbone_fisher: dict[str, Tensor] | None = None
-        if prep.fisher is not None:  # the backbone penalty (Eq. 12 / 19)
+        kfac = isinstance(prep.fisher, KFAC)
+        backbone_fisher: dict[str, Tensor] | list[KFAC] | None = None
+        if kfac:  # one K-FAC per task, weighted by its share of the samples as the accumulator does
+            backbone_fisher = [k.to(dev) for k in [*previous_kfacs, *([prep.fisher] if iel else [])]] or None
+        elif prep.fisher is not None:  # the backbone penalty (Eq. 12 / 19)
             acc = FisherAccumulator()
             if previous_fisher is not None:
                 acc.add_task(previous_fisher.to(dev))
@@ -156,9 +172,10 @@ class _SecondOrder(MergedMethod):
             if backbone_fisher is not None and strength > 0:
                 tau = dict(module.delta(ctx.theta0))
                 if iel:
-                    total = total + iel_penalty(tau, previous, backbone_fisher, strength, t)
+                    total = total + (iel_kfac_penalty if kfac else iel_penalty)(
+                        tau, previous, backbone_fisher, strength, t)  # fmt: skip
                 else:
-                    total = total + ita_penalty(tau, backbone_fisher, strength)
+                    total = total + (kfac_penalty if kfac else ita_penalty)(tau, backbone_fisher, strength)
             if head_reg and req > 0:
                 total = total + head_penalty(head, anchor, cls_fisher, req, cfg.simple_reg_weight_cls)
             return total
@@ -180,15 +197,17 @@ class _SecondOrder(MergedMethod):
             progress=ctx.progress,
             runtime=ctx.runtime,
         )
-        return ctx.entry(t, result, task.classes, method_cfg=cfg.__dict__, decoupled=decoupled)
+        return ctx.entry(t, result, task.classes, method_cfg=cfg.to_json(), decoupled=decoupled)
 
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
         state: SecondOrderState = ctx.state
+        if ctx.cfg.curvature == "kfac" and current_world().active:
+            raise ConfigError("`curvature` 'kfac' does not run under torchrun: its factors are not shared")
         if self.parallel_ready(ctx):
             return self._train_in_parallel(ctx, t)
         prep = self._prepare(ctx, state, t)
         state.pending = prep.fisher
-        entry = self._fit(ctx, t, prep, state.fisher)
+        entry = self._fit(ctx, t, prep, state.fisher, state.kfacs)
         state.cpre = prep.cpre
         return entry
 
@@ -196,9 +215,11 @@ class _SecondOrder(MergedMethod):
         if entry.task in ctx.ahead:  # trained in parallel: the state a sequential run has after it
             ctx.state = ctx.ahead.pop(entry.task)[1]
         state: SecondOrderState = ctx.state
-        if state.pending is not None:
+        if isinstance(state.pending, KFAC):  # no `+`: one K-FAC per task
+            state.kfacs.append(state.pending)
+        elif state.pending is not None:
             state.fisher = state.pending if state.fisher is None else state.fisher + state.pending
-            state.pending = None
+        state.pending = None
         if ctx.state_dir is not None:
             save_second_order_state(ctx.state_dir, state, entry.task)
 

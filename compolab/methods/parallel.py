@@ -68,4 +68,4 @@ def share_entry(
         h["epoch"] = int(h["epoch"])
     result = FinetuneResult(module.eval(), head, hist, float(shared["seconds"].item()))
     decoupled = ctx.cfg.decoupled if ctx.cfg.decoupled is not None else ft.style != "full"
-    return ctx.entry(t, result, task.classes, method_cfg=ctx.cfg.__dict__, decoupled=decoupled)
+    return ctx.entry(t, result, task.classes, method_cfg=ctx.cfg.to_json(), decoupled=decoupled)

@@ -1,7 +1,9 @@
 """The typed states that methods keep across tasks, and their files (safetensors + JSON).
 
 * :class:`SecondOrderState` (ITA, IEL): the class statistics of θ0's features, the pre-tuned
-  classifier :math:`C_{pre}` and the running sum of the tasks' diagonal Fishers at θ0;
+  classifier :math:`C_{pre}` and the running sum of the tasks' diagonal Fishers at θ0 (or, with
+  ``curvature="kfac"``, one K-FAC per task: ``kfac_<t>.safetensors``, written once before the
+  JSON of generation t, which lists the sha256 of every task's file);
 * :class:`EWCState` (EWC): the sum of the previous tasks' mean Fishers and the trained heads.
 
 A state is saved after every task t into the run's ``state/`` folder as its own generation:
@@ -27,6 +29,7 @@ from compolab.errors import CompolabError
 from compolab.fisher_store import DiagonalFisher
 from compolab.heads import ClassGaussians, IncrementalHead
 from compolab.io import file_sha256, read_json, write_json, write_safetensors
+from compolab.kfac import KFAC
 
 __all__ = [
     "SecondOrderState",
@@ -38,6 +41,7 @@ __all__ = [
     "load_ewc_state",
     "saved_fisher",
     "state_path",
+    "kfac_path",
     "saved_generations",
 ]
 
@@ -47,6 +51,11 @@ _GENERATION = re.compile(r"^after_(\d{3,})\.(json|safetensors)$")
 def state_path(folder: str | Path, after_task: int) -> Path:
     """The JSON file of the state saved after task ``after_task`` (its tensors: same stem, .safetensors)."""
     return Path(folder) / f"after_{after_task:03d}.json"
+
+
+def kfac_path(folder: str | Path, task: int) -> Path:
+    """The K-FAC file of task ``task`` (``curvature="kfac"``), kept by every later generation."""
+    return Path(folder) / f"kfac_{task:03d}.safetensors"
 
 
 def saved_generations(folder: str | Path) -> dict[int, list[Path]]:
@@ -70,13 +79,16 @@ class SecondOrderState:
         cpre: The pre-tuned classifier of the last task (anchor of the head penalty).
         fisher: Sum of the finished tasks' diagonal Fishers at θ0, with their sample count
             (None before the first one, or with ``ablation`` other than ``none``).
-        pending: The current task's Fisher, added to ``fisher`` when the task is finished.
+        pending: The current task's Fisher (or K-FAC), added to ``fisher`` (``kfacs``) when the
+            task is finished.
+        kfacs: The finished tasks' K-FACs at θ0, one per task in order (``curvature="kfac"``).
     """
 
     stats: ClassGaussians = field(default_factory=ClassGaussians)
     cpre: IncrementalHead | None = None
     fisher: DiagonalFisher | None = None
-    pending: DiagonalFisher | None = None
+    pending: DiagonalFisher | KFAC | None = None
+    kfacs: list[KFAC] = field(default_factory=list)
 
 
 @dataclass
@@ -142,6 +154,12 @@ def save_second_order_state(folder: str | Path, state: SecondOrderState, after_t
         tensors.update({f"fisher::{n}": v for n, v in state.fisher.values.items()})
     count = state.fisher.num_samples if state.fisher is not None else 0
     info = {"after_task": after_task, "fisher_count": count, "cpre_classes": [list(c) for c in cpre.classes]}
+    if state.kfacs:  # the newest task's file (again: an uncommitted attempt's is replaced), then all hashes
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        for s, k in enumerate(state.kfacs):
+            if s == len(state.kfacs) - 1 or not kfac_path(folder, s).exists():
+                k.save(kfac_path(folder, s))
+        info["kfac_sha256"] = [file_sha256(kfac_path(folder, s)) for s in range(len(state.kfacs))]
     _write(Path(folder), tensors, info)
 
 
@@ -153,10 +171,17 @@ def load_second_order_state(folder: str | Path, after_task: int) -> SecondOrderS
     """
     tensors, info = _read(Path(folder), after_task)
     try:
-        return _second_order_from(tensors, info)
+        state = _second_order_from(tensors, info)
     except (KeyError, IndexError, ValueError, TypeError, RuntimeError) as e:
         path = state_path(folder, after_task)
         raise CompolabError(f"method state {path} is malformed ({type(e).__name__}: {e})") from None
+    for s, sha in enumerate(info.get("kfac_sha256", [])):
+        path = kfac_path(folder, s)
+        if not path.exists() or file_sha256(path) != sha:
+            raise CompolabError(f"method state {path} is missing or does not match "
+                                f"{state_path(folder, after_task).name} (damaged or half saved)")  # fmt: skip
+        state.kfacs.append(KFAC.load(path))
+    return state
 
 
 def _second_order_from(tensors: dict[str, Tensor], info: dict) -> SecondOrderState:
