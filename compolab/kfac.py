@@ -273,7 +273,11 @@ def kfac_at(
         ConfigError: On an unknown type, name or approximation, a name that is not a Linear weight,
             an empty loader, missing labels for ``"empirical"`` or non-finite factors.
     """
-    from curvlinops import KFACLinearOperator  # only here: the class itself needs no curvlinops
+    try:
+        from curvlinops import KFACLinearOperator  # only here: the class itself needs no curvlinops
+    except ImportError as e:
+        raise CompolabError("K-FAC needs curvlinops-for-pytorch (`pip install curvlinops-for-pytorch`), "
+                            f"which this environment lacks ({e})") from None
 
     kind = KIND_TO_FISHER_TYPE.get(fisher_type, fisher_type)
     if kind not in FISHER_TYPES:

@@ -10,7 +10,7 @@ plus :func:`~compolab.methods.head_penalty` with the head's own Fisher
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -50,18 +50,26 @@ def _method_penalty(
     cls_fisher: Mapping[str, Tensor],
     previous: Mapping[str, Tensor],
     t: int,
+    kfacs: Sequence | None = None,
 ) -> Callable[[], Tensor]:
     """``penalty()`` of an ITA (or, ``incremental``, IEL) step at task ``t``, as the method builds it.
 
     The backbone term at α (ITA) or β (IEL) of ``mc``, plus the head term at ``req_weight_cls``
-    (default: that same strength) and ``simple_reg_weight_cls``.
+    (default: that same strength) and ``simple_reg_weight_cls``; with ``kfacs`` (one
+    :class:`~compolab.kfac.KFAC` per task the penalty sums over) the backbone term through K-FAC
+    (``--curvature kfac``).
     """
+    from compolab.kfac import iel_kfac_penalty, kfac_penalty
+
     strength = mc.beta if incremental else mc.alpha
     req = mc.req_weight_cls if mc.req_weight_cls is not None else strength
 
     def penalty() -> Tensor:
         tau = tau_of()
-        if incremental:
+        if kfacs is not None:
+            reg = iel_kfac_penalty(tau, previous, kfacs, strength, t) if incremental else \
+                kfac_penalty(tau, kfacs, strength)  # fmt: skip
+        elif incremental:
             reg = iel_penalty(tau, previous, fisher, strength, t)
         else:
             reg = ita_penalty(tau, fisher, strength)
@@ -92,6 +100,9 @@ def bench_step(
     * ``iel``: θ0 + (1/T) Σ_{s≤t} τ_s with ``num_frozen`` frozen (pre-merged) modules, plus IEL's
       penalty with its cross term and the head penalty;
     * ``fisher``: the preset's Fisher (tiny: Monte Carlo, paper: exact) of the batch at θ0;
+    * ``ita+kfac``, ``iel+kfac``: ITA / IEL with ``--curvature kfac`` (one K-FAC of the batch per
+      task the penalty sums over: ``num_frozen`` previous tasks for ITA, those and the current one
+      for IEL), ``kfac_over_diag`` their time ratios to the diagonal steps;
     * ``plain+stem-cache``, ``ita+stem-cache``, ``iel+stem-cache``: the same three steps on the
       batch's stem tokens, computed once (:mod:`compolab.stem`; only where the stem is frozen, the
       tiny ViT): before / after the stem cache in one run, ``stem_cache_speedup`` their time ratio.
@@ -147,7 +158,15 @@ def bench_step(
     frozen = [m.delta(theta0).detach() for m in random_modules("lora", theta0, names, num_frozen, gen)]
     previous = {n: sum(tau[n] for tau in frozen) for n in names}
 
-    def make(kind: str, batches: list | None = None) -> Callable[[], None]:
+    from compolab.errors import CompolabError
+    from compolab.kfac import kfac_at
+
+    try:  # the batch's K-FAC, standing for each task's
+        kfac = kfac_at(backbone, head0, [(x, y)], names, fisher_type="mc", seed=seed)
+    except CompolabError:  # no curvlinops here (e.g. a GPU image without the registry): no K-FAC steps
+        kfac = None
+
+    def make(kind: str, batches: list | None = None, curvature: str = "diag") -> Callable[[], None]:
         module = TaskModule.create("lora", theta0, names, rank=ft.rank,
                                    generator=torch.Generator(device=device).manual_seed(seed))  # fmt: skip
         head = copy.deepcopy(head0)
@@ -158,8 +177,9 @@ def bench_step(
         penalty, decoupled = None, None
         if kind != "plain":
             mk = configs[kind][1]
+            kfacs = [kfac] * (num_frozen + incremental) if curvature == "kfac" else None
             penalty = _method_penalty(mk, incremental, lambda: dict(module.delta(theta0)), head, head0,
-                                      mean_f, cls_fisher, previous, num_frozen)  # fmt: skip
+                                      mean_f, cls_fisher, previous, num_frozen, kfacs)  # fmt: skip
             as_step = mk.decoupled if mk.decoupled is not None else cfg.style != "full"  # the method's rule
             decoupled = [*module.parameters(), *head.parameters()] if as_step else None
 
@@ -171,6 +191,8 @@ def bench_step(
         return call
 
     kinds = {k: make(k) for k in ("plain", ita, iel)}
+    if kfac is not None:
+        kinds.update({f"{k}+kfac": make(k, curvature="kfac") for k in (ita, iel)})
     if stem_cached:  # the same steps on the cached stem tokens (compolab.stem.cache_stem)
         kinds.update({f"{k}{CACHED}": make(k, token_loader) for k in ("plain", ita, iel)})
     seconds, _ = median_of_rounds(kinds, repeats, device)
@@ -186,6 +208,8 @@ def bench_step(
         "step_seconds": {k: round(v, 5) for k, v in med.items()},
         f"{ita}_over_plain": round(med[ita] / med["plain"], 3),
         f"{iel}_over_plain": round(med[iel] / med["plain"], 3),
+        "kfac_over_diag": {k: round(med[f"{k}+kfac"] / med[k], 3) for k in (ita, iel)} if kfac else None,
+        "kfac_bytes": sum(kfac.memory_bytes().values()) if kfac else None,
         "stem_cache_speedup": speedup or None,
         "fisher_images_per_s": round(batch / fisher_med["fisher"], 1),
         "fisher_kind": mc.fisher_kind,
