@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from compolab.errors import CompolabError, ConfigError
-from compolab.io import write_safetensors
+from compolab.io import read_safetensors, write_safetensors
 from compolab.task_vector import key_mismatch
 
 __all__ = ["PAPER_FISHER_FLOOR", "DiagonalFisher", "FisherAccumulator"]
@@ -136,12 +135,7 @@ class DiagonalFisher:
         Raises:
             CompolabError: If the file is missing, damaged, or not a saved Fisher.
         """
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = json.loads((f.metadata() or {}).get("compolab", "{}"))
-                values = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
-            raise CompolabError(f"cannot read a Fisher from {path}: {e}") from e
+        values, meta = read_safetensors(path, what="a Fisher", device=device)
         if meta.get("format") != _FORMAT:
             raise CompolabError(f"{path} is not a saved DiagonalFisher (format {meta.get('format')!r})")
         return cls(values, int(meta["num_samples"]))

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 from compolab.errors import CompolabError
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "atomic_write",
     "write_json",
     "write_safetensors",
+    "read_safetensors",
     "read_json",
     "file_sha256",
     "canonical_json",
@@ -152,6 +154,26 @@ def write_safetensors(
     state = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     meta = dict(metadata) if metadata is not None else None
     return atomic_write(path, lambda p: save_file(state, str(p), metadata=meta))
+
+
+def read_safetensors(
+    path: str | Path, *, what: str, device: str | torch.device = "cpu"
+) -> tuple[dict[str, Tensor], dict]:
+    """``(tensors, metadata)`` of a file :func:`write_safetensors` wrote with the kit's JSON metadata
+    (the ``"compolab"`` entry of the header, ``{}`` when absent).
+
+    Raises:
+        CompolabError: ``cannot read <what> from <path>: ...`` for a missing or damaged file.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            meta = json.loads((f.metadata() or {}).get("compolab", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
+        raise CompolabError(f"cannot read {what} from {path}: {e}") from e
+    return tensors, meta
 
 
 def read_json(path: str | Path, *, what: str = "file", kind: type = dict) -> object:

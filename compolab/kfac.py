@@ -49,12 +49,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor, nn
 
 from compolab.errors import CompolabError, ConfigError
 from compolab.fisher import _Classifier, _columns, _evaluation_point, _split_batch, _tracked_names
-from compolab.io import write_safetensors
+from compolab.io import read_safetensors, write_safetensors
 
 __all__ = ["FISHER_TYPES", "KFAC_APPROX", "KIND_TO_FISHER_TYPE", "KFAC", "kfac_at", "kfac_penalty",
            "iel_kfac_penalty"]
@@ -178,12 +177,7 @@ class KFAC:
         Raises:
             CompolabError: If the file is missing, damaged, or not a saved K-FAC.
         """
-        try:
-            with safe_open(str(path), framework="pt", device=str(device)) as f:
-                meta = json.loads((f.metadata() or {}).get("compolab", "{}"))
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
-        except Exception as e:  # safetensors raises several types (SafetensorError, OSError, ...)
-            raise CompolabError(f"cannot read a K-FAC from {path}: {e}") from e
+        tensors, meta = read_safetensors(path, what="a K-FAC", device=device)
         if meta.get("format") != _FORMAT:
             raise CompolabError(f"{path} is not a saved KFAC (format {meta.get('format')!r})")
         names = meta.get("names", [])  # the saved order (safetensors sorts its keys)

@@ -35,7 +35,6 @@ from compolab.evaluate import evaluate_tasks, final_average
 from compolab.heads import IncrementalHead
 from compolab.io import write_json
 from compolab.merging import MERGES
-from compolab.methods import get_method
 from compolab.pool import Pool, PoolEntry
 from compolab.pool_stats import load_pool_statistics
 from compolab.probes.engine import ProbeData, evaluate_points
@@ -43,7 +42,7 @@ from compolab.probes.taylor import second_order
 from compolab.stem import cache_stem
 from compolab.task_vector import TaskVector
 from compolab.tuning import FullModule
-from compolab.workspace import OpenedPool, open_pool
+from compolab.workspace import OpenedPool, open_pool, require_weights
 
 __all__ = [
     "GRIDS", "STATISTICS", "MergeContext", "check_merge", "merge_lens", "merge_pool", "merged_tau",
@@ -78,12 +77,7 @@ def check_merge(pool: Pool, method: str, out: str | Path | None = None) -> None:
     """
     if method not in MERGES:
         raise ConfigError(f"--method {method!r} is not a merge; known merges: {', '.join(MERGES)}")
-    trained_by = pool.manifest.get("method")
-    if trained_by is not None and get_method(trained_by).linearised:
-        raise ConfigError(
-            f"{pool.root} is a TMC pool: its components are tangents of the linearised model, "
-            "not weights of θ0's model; merge a pool of weights"
-        )
+    require_weights(pool, "merge a pool of weights")
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise ConfigError(f"--out {out} already holds files; choose a new folder")
     for keyword in sorted(MERGES[method].needs):

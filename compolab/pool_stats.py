@@ -39,7 +39,7 @@ from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead
 from compolab.io import read_json, write_safetensors
 from compolab.pool import Pool
-from compolab.workspace import OpenedPool
+from compolab.workspace import OpenedPool, require_weights
 
 __all__ = ["STAT_KINDS", "STATS_FOLDER", "stats_path", "save_pool_statistics", "load_pool_statistics",
            "has_pool_statistics", "task_grams"]  # fmt: skip
@@ -183,9 +183,9 @@ def save_pool_statistics(
         The files written, task by task, in the order of ``kinds``.
 
     Raises:
-        ConfigError: Before any work, for an unknown kind, Fisher kind or task, a bad batch size, or
-            a pool opened without its benchmark.
-        CompolabError: A TMC pool (its modules are tangents of the linearised model).
+        ConfigError: Before any work, for an unknown kind, Fisher kind or task, a bad batch size, a
+            pool opened without its benchmark, or a TMC pool (its modules are tangents of the
+            linearised model).
     """
     kinds = _check_kinds(kinds, "kinds")
     if fisher_kind not in FISHER_KINDS:
@@ -196,9 +196,7 @@ def save_pool_statistics(
     if fisher_images is not None and fisher_images <= 0:
         raise ConfigError(f"`fisher_images` must be > 0, got {fisher_images}")
     pool = opened.pool
-    if opened.method is not None and opened.method.linearised:
-        raise CompolabError(f"{pool.root} is a TMC pool: its components are tangents of the linearised "
-                            "model, not weights of θ0's model; per-task statistics do not apply")  # fmt: skip
+    require_weights(pool, "per-task statistics do not apply", opened.method)
     ids = sorted(opened.entries) if tasks is None else list(dict.fromkeys(tasks))
     unknown = [t for t in ids if t not in opened.entries]
     if unknown:

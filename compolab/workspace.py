@@ -34,7 +34,7 @@ from compolab.models import fingerprint, theta0_of
 from compolab.pool import Pool, PoolEntry
 from compolab.runtime import Runtime
 
-__all__ = ["OpenedPool", "open_pool", "compose_and_evaluate", "pool_benchmark"]
+__all__ = ["OpenedPool", "open_pool", "compose_and_evaluate", "pool_benchmark", "require_weights"]
 
 
 @dataclass
@@ -126,6 +126,21 @@ def open_pool(
     ids = pool.tasks() if tasks is None else sorted(set(tasks))
     entries = {t: pool.load(t, theta0_sha256=sha, theta0=theta0) for t in ids}
     return OpenedPool(pool, method, backbone, theta0, bench, entries, runtime)
+
+
+def require_weights(pool: Pool, why: str, method: Method | None = None) -> None:
+    """Refuse a pool of tangents (TMC) for an operation on weights of θ0's model; ``why`` ends the line.
+
+    ``method`` is the pool's (an :class:`OpenedPool`'s ``method``); default: the manifest's.
+
+    Raises:
+        ConfigError: ``<pool> is a TMC pool: ...; <why>``.
+    """
+    name = pool.manifest.get("method")
+    method = method if method is not None else get_method(name) if name is not None else None
+    if method is not None and method.linearised:
+        raise ConfigError(f"{pool.root} is a TMC pool: its components are tangents of the linearised model, "
+                          f"not weights of θ0's model; {why}")  # fmt: skip
 
 
 def pool_benchmark(pool: Pool) -> Benchmark:

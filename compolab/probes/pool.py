@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from compolab.errors import ConfigError
 from compolab.fisher_store import DiagonalFisher
 from compolab.heads import IncrementalHead
 from compolab.probes.engine import ProbeData
@@ -58,15 +57,11 @@ def open_pool_probe(
             tangents of the linearised model; probe them with :mod:`compolab.linearize`), or an
             empty pool (:func:`~compolab.workspace.open_pool`).
     """
-    from compolab.methods import get_method
     from compolab.pool import Pool
-    from compolab.workspace import open_pool
+    from compolab.workspace import open_pool, require_weights
 
     pool = pool if isinstance(pool, Pool) else Pool.open(pool)
-    method = pool.manifest.get("method")
-    if method is not None and get_method(method).linearised:
-        raise ConfigError(f"{pool.root} is a TMC pool: its components are tangents of the linearised model, "
-                          "not weights of θ0's model; the basin probes do not apply")  # fmt: skip
+    require_weights(pool, "the basin probes do not apply")
     opened = open_pool(pool, bench=bench)
     entries, theta0 = opened.entries, opened.theta0
     ids = sorted(entries)
