@@ -23,6 +23,7 @@ from compolab.explore import Explorer, ExplorerWidget, LambdaWidget
 from compolab.finetune import FinetuneConfig, finetune_task
 from compolab.fisher import DiagonalFisher, FisherAccumulator, diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
+from compolab.kfac import KFAC, kfac_at, kfac_penalty
 from compolab.linear_probe import extract_features, fit_linear_probe, probe_accuracy
 from compolab.linearize import LinearizedModel, TangentComponent, compose_linearized, linearized_forward
 from compolab.methods import head_penalty, iel_penalty, ita_penalty
@@ -50,6 +51,7 @@ from compolab.probes import (
     jensen_gap,
     open_pool_probe,
     plane,
+    probe_curvature,
     second_order,
     segment,
 )
@@ -84,7 +86,7 @@ __all__ = [
     "evaluate_tasks", "final_average", "OpenedPool", "open_pool", "compose_and_evaluate",
     # Fisher, curvature, penalties (Eq. 11-12, 18-19)
     "diagonal_fisher", "DiagonalFisher", "FisherAccumulator", "hvp", "make_loss_fn", "hessian_diagonal_exact",
-    "math_attention",
+    "math_attention", "KFAC", "kfac_at", "kfac_penalty",
     "ita_penalty", "iel_penalty", "head_penalty",
     # training
     "FinetuneConfig", "finetune_task", "TrainingDiverged", "RunConfig", "run_config", "run", "load_results",
@@ -94,7 +96,7 @@ __all__ = [
     "OutputEnsemble",
     # probes
     "ProbeData", "evaluate_points", "interpolate", "composed_path", "segment", "plane", "second_order",
-    "jensen_gap", "default_lambdas", "open_pool_probe", "filter_normalized_direction",
+    "jensen_gap", "default_lambdas", "open_pool_probe", "filter_normalized_direction", "probe_curvature",
     # interactive exploration
     "Explorer", "ExplorerWidget", "LambdaWidget",
     # plotting

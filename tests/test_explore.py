@@ -313,3 +313,15 @@ def test_from_pool_with_the_saved_diagonal_fisher(small_pool):
     assert explorer.quadratic.kind == "diagonal"
     at0 = explorer.evaluate(Edit((0.0, 0.0, 0.0), ("keep",) * 3))
     assert at0.predicted == pytest.approx(at0.loss, rel=1e-5)
+
+
+def test_from_pool_with_kfac_on_its_images(small_pool):
+    """``curvature="kfac"``: K-FAC of the explorer's loss at θ0; same ℓ(θ0) and slopes as the exact
+    quadratic, its own Gram matrix τ_sᵀ(A ⊗ G)τ_t (the same for every task)."""
+    pytest.importorskip("curvlinops")
+    kfac = Explorer.from_pool(small_pool[0], per_task=4, curvature="kfac").quadratic
+    exact = Explorer.from_pool(small_pool[0], per_task=4).quadratic
+    assert kfac.kind == "kfac" and exact.kind == "fisher"
+    assert torch.equal(kfac.loss0, exact.loss0) and torch.equal(kfac.slope, exact.slope)
+    assert torch.equal(kfac.gram[0], kfac.gram[-1]) and not torch.allclose(kfac.gram[0], exact.gram.mean(0))
+    assert bool((torch.linalg.eigvalsh(kfac.gram[0]) > -1e-9).all())  # positive semi-definite

@@ -300,6 +300,27 @@ def test_cli_plane_and_jensen(capsys, pool_dir, tmp_path):
     assert json.loads(stdout)["measured"] == [round(v, 4) for v in gap.measured]
 
 
+def test_cli_jensen_with_all_three_curvatures_and_interpolate_with_kfac(capsys, pool_dir, tmp_path):
+    pytest.importorskip("curvlinops")
+    code, stdout, err = _cli(capsys, "probe", "jensen", "--pool", str(pool_dir), "--per-task", "4",
+                             "--curvature", "all", "--out", str(tmp_path / "j.json"), "--json",
+                             "--no-progress")  # fmt: skip
+    assert code == 0, err
+    record = json.loads((tmp_path / "j.json").read_text())
+    gap, summary = JensenGap.from_json(record["jensen"]), json.loads(stdout)
+    assert record["curvature"] == "all" and set(gap.omegas()) == {"fisher", "kfac", "diagonal"}
+    assert set(gap.predicted) == {"fisher", "kfac", "diagonal"} and len(gap.predicted["kfac"]) == 3
+    assert summary["omega_kfac"] == [round(v, 4) for v in gap.omega_kfac]
+    assert summary["omega_error"]["diagonal"] == [round(e, 4) for e in gap.omega_error("diagonal")]
+    assert all(v > 0 for v in gap.omega_kfac[1:] + gap.omega_diagonal[1:])
+    code, _, err = _cli(capsys, "probe", "interpolate", "--pool", str(pool_dir), "--tasks", "1",
+                        "--steps", "3", "--per-task", "4", "--second-order", "kfac",
+                        "--out", str(tmp_path / "i.json"), "--no-progress")  # fmt: skip
+    assert code == 0, err
+    pred = SecondOrder.from_json(json.loads((tmp_path / "i.json").read_text())["second_order"][0])
+    assert pred.kind == "kfac" and len(set(pred.curvature.values())) == 1  # one K-FAC for every task
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [
@@ -343,7 +364,8 @@ def test_bench_probe_curve_equals_the_plain_loop():
     "options, needle",
     [
         ({"kind": "landscape"}, "unknown probe 'landscape'"),
-        ({"curvature": "kfac"}, "`curvature` must be one of"),
+        ({"curvature": "exact"}, "`curvature` of the plane probe must be one of none, fisher"),
+        ({"kind": "jensen", "curvature": "hessian"}, "of the jensen probe must be one of fisher, all"),
         ({"random": 3}, "0, 1 or 2 random directions"),
     ],
 )

@@ -260,7 +260,7 @@ def cmd_probe(args: argparse.Namespace) -> None:
     elif args.what == "plane":
         options = dict(span=tuple(args.span), steps=args.steps, random=args.random)
     else:
-        options = {}
+        options = dict(curvature=args.curvature)
     runtime = _runtime(args)
     summary = probe_pool(args.what, args.pool, args.out, plot=args.plot, tasks=_ids(args.tasks, "--tasks"),
                          split=args.split, per_task=args.per_task, seed=args.seed, progress=args.progress,

@@ -189,8 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="λ range")  # fmt: skip
     q.add_argument("--steps", type=_positive(int), default=41, help="λ values")
     q.add_argument("--composed", action="store_true", help="also the path to the composition θ0 + λ·mean τ")
-    q.add_argument("--second-order", default="fisher", choices=["none", "fisher", "hessian", "diagonal"],
-                   help="overlay the quadratic prediction from θ0 with this curvature")  # fmt: skip
+    q.add_argument("--second-order", default="fisher",
+                   choices=["none", "fisher", "hessian", "diagonal", "kfac"],
+                   help="overlay the quadratic prediction from θ0 with this curvature (diagonal: the run's "
+                        "Fisher; kfac: K-FAC at θ0 on the probe images)")  # fmt: skip
     q.set_defaults(func=commands.cmd_probe)
     q = kinds.add_parser("plane", parents=[common, probe], help="loss on the plane θ0 + a·u + b·v")
     q.add_argument(
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="filter-normalised random directions (Li et al. 2018) for modules")  # fmt: skip
     q.set_defaults(func=commands.cmd_probe)
     q = kinds.add_parser("jensen", parents=[common, probe], help="composition gap vs Ω as modules are added")
+    q.add_argument("--curvature", default="fisher", choices=["fisher", "all"],
+                   help="Ω exact on the modules' span (+ the run's diagonal Fisher), or all: exact, "
+                        "K-FAC and diagonal at θ0 on the probe images")  # fmt: skip
     q.set_defaults(func=commands.cmd_probe)
 
     p = sub.add_parser("bench", parents=[common], help="benchmarks (timings live here, not in tests)")

@@ -34,9 +34,9 @@ from compolab.errors import ConfigError
 from compolab.explore.edit import Edit, View
 from compolab.explore.quadratic import Quadratic
 from compolab.explore.stem import split_stem
-from compolab.fisher_store import DiagonalFisher
 from compolab.heads import IncrementalHead
 from compolab.probes import Interpolation, Plane, ProbeData, default_lambdas, interpolate, plane
+from compolab.probes.curvatures import Curvature, probe_curvature
 from compolab.probes.engine import check_directions
 from compolab.task_vector import TaskVector
 
@@ -53,7 +53,7 @@ class Explorer:
         head: Every pool head (:class:`~compolab.heads.IncrementalHead`); the data's targets are its
             columns.
         data: The evaluation images (a few per task: :meth:`ProbeData.from_benchmark`).
-        curvature: F of the second-order prediction: ``"fisher"`` or a diagonal Fisher.
+        curvature: F of the second-order prediction: ``"fisher"``, a diagonal Fisher or a K-FAC.
         batch_size: Images per forward when the caches are built.
         cache_size: Compositions whose logits are kept.
     """
@@ -66,7 +66,7 @@ class Explorer:
         head: IncrementalHead,
         data: ProbeData,
         *,
-        curvature: str | DiagonalFisher = "fisher",
+        curvature: str | Curvature = "fisher",
         batch_size: int = 256,
         cache_size: int = 64,
     ) -> None:
@@ -126,7 +126,9 @@ class Explorer:
         """An explorer of a pool folder (or :class:`~compolab.pool.Pool`), on ``per_task`` seeded
         images of each task's ``split`` (:func:`~compolab.probes.open_pool_probe`).
 
-        ``curvature="diagonal"`` uses the diagonal Fisher the run saved next to the pool.
+        ``curvature="diagonal"`` uses the diagonal Fisher the run saved next to the pool; ``"kfac"``
+        the K-FAC of the explorer's loss at θ0 on its images
+        (:func:`~compolab.probes.curvatures.probe_curvature`).
         """
         from compolab.probes import open_pool_probe
 
@@ -135,6 +137,8 @@ class Explorer:
             if pp.fisher is None:
                 raise ConfigError("this pool's run kept no diagonal Fisher; use curvature='fisher'")
             curvature = pp.fisher
+        elif curvature == "kfac":
+            curvature = probe_curvature("kfac", pp.backbone, pp.theta0, pp.head, pp.data)
         return cls(pp.backbone, pp.theta0, pp.taus, pp.head, pp.data, curvature=curvature, **kwargs)
 
     # ------------------------------------------------------------------ edits

@@ -12,8 +12,9 @@ which every prediction costs :math:`O(T^2)`.
 
 F is the Fisher of the kit's probes: either exact on the span of the modules (``"fisher"``, the
 generalised Gauss–Newton matrix :math:`\frac1N\sum_n J_n^\top(\mathrm{diag}\,p_n - p_n p_n^\top)J_n`,
-which for cross-entropy *is* the true Fisher), or a :class:`~compolab.fisher_store.DiagonalFisher`
-(the paper's proxy of Eq. 12, the same for every task).
+which for cross-entropy *is* the true Fisher), a :class:`~compolab.kfac.KFAC`, or a
+:class:`~compolab.fisher_store.DiagonalFisher` (the paper's proxy of Eq. 12); the last two are the
+same for every task (:mod:`compolab.probes.curvatures`).
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from compolab.errors import ConfigError
-from compolab.fisher_store import DiagonalFisher
 from compolab.probes import ProbeData, SecondOrder
+from compolab.probes.curvatures import Curvature, curvature_gram, curvature_kind
 from compolab.probes.engine import batches, check_directions
 from compolab.probes.taylor import output_jvp
-from compolab.task_vector import TaskVector
 
 __all__ = ["Quadratic"]
 
@@ -46,7 +46,7 @@ class Quadratic:
         loss0: ``(K,)`` :math:`\ell_k(\theta_0)`, float64.
         slope: ``(K, T)`` :math:`g_k^\top \tau_t`.
         gram: ``(K, T, T)`` :math:`\tau_s^\top F_k \tau_t`.
-        kind: ``"fisher"`` (exact on the modules' span) or ``"diagonal"``.
+        kind: ``"fisher"`` (exact on the modules' span), ``"kfac"`` or ``"diagonal"``.
     """
 
     tasks: tuple[int, ...]
@@ -111,7 +111,7 @@ class Quadratic:
         data: ProbeData,
         head: nn.Module,
         *,
-        curvature: str | DiagonalFisher = "fisher",
+        curvature: str | Curvature = "fisher",
         batch_size: int = 256,
     ) -> Quadratic:
         r"""Measure :math:`\ell_k(\theta_0)`, :math:`g_k^\top\tau_t` and :math:`G^{(k)}` on ``data``.
@@ -120,7 +120,8 @@ class Quadratic:
         (one jvp per module), for the images n of task k (cross-entropy):
         :math:`g_k^\top\tau_t = \frac1{N_k}\sum_n (p_n - e_{y_n})^\top v_{nt}` and
         :math:`G^{(k)}_{st} = \frac1{N_k}\sum_n v_{ns}^\top(\mathrm{diag}\,p_n - p_n p_n^\top)v_{nt}`
-        (``"fisher"``), or :math:`\sum_i \bar F_i \tau_{s,i}\tau_{t,i}` for a diagonal Fisher.
+        (``"fisher"``), or :math:`\tau_s^\top C\tau_t` of a diagonal Fisher or a K-FAC
+        (:func:`~compolab.probes.curvatures.curvature_gram`).
 
         Args:
             backbone: Inputs → features, at θ0 (eval mode).
@@ -128,7 +129,8 @@ class Quadratic:
             taus: ``{module: τ_t}``.
             data: The evaluation images; targets are columns of ``head``'s outputs.
             head: Features → logits (fixed).
-            curvature: ``"fisher"`` or a :class:`~compolab.fisher_store.DiagonalFisher`.
+            curvature: ``"fisher"``, a :class:`~compolab.fisher_store.DiagonalFisher` or a
+                :class:`~compolab.kfac.KFAC`.
             batch_size: Images per jvp.
 
         Raises:
@@ -136,8 +138,10 @@ class Quadratic:
         """
         if not taus:
             raise ConfigError("a quadratic model needs at least one module")
-        if not isinstance(curvature, DiagonalFisher) and curvature != "fisher":
-            raise ConfigError(f"curvature must be 'fisher' or a DiagonalFisher, got {curvature!r}")
+        kind = curvature_kind(curvature)
+        if kind == "hessian":
+            raise ConfigError("the explorer's quadratic takes 'fisher', a DiagonalFisher or a KFAC, "
+                              "not 'hessian'")
         modules = tuple(sorted(taus))
         names = check_directions(theta0, [taus[t] for t in modules])
         was_training = backbone.training
@@ -164,12 +168,7 @@ class Quadratic:
             n = len(data.y[task])
             loss0[k], slope[k], gram[k] = loss0[k] / n, slope[k] / n, gram[k] / n
         backbone.train(was_training)
-        kind = "fisher"
-        if isinstance(curvature, DiagonalFisher):
-            mean = {n: v.double() for n, v in curvature.mean().items()}
-            vecs = [TaskVector({n: taus[t][n].double() for n in mean}) for t in modules]
-            diag = torch.tensor(
-                [[a.fisher_dot(b, mean).item() for b in vecs] for a in vecs], dtype=torch.float64
-            )
-            gram, kind = diag.expand(K, T, T).clone(), "diagonal"
+        if kind != "fisher":
+            gram = curvature_gram(curvature, [{n: taus[t][n] for n in names} for t in modules])
+            gram = gram.expand(K, T, T).clone()
         return cls(tuple(data.tasks), modules, loss0, slope, gram, kind)

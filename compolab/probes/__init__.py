@@ -14,6 +14,9 @@ low-dimensional subspace through θ0 (:mod:`~compolab.probes.engine`):
 * :func:`jensen_gap` — the measured composition gap against its curvature estimate Ω (the paper's
   Jensen bound, Eq. 5–6, and Theorem 1) as modules are added (:class:`JensenGap`,
   :mod:`~compolab.probes.jensen`).
+* :func:`probe_curvature` — the K-FAC or the diagonal Fisher of the probes' loss at θ0, the coarser
+  curvatures of the second-order view beside the Fisher exact on the modules' span
+  (:mod:`~compolab.probes.curvatures`).
 * :func:`open_pool_probe` — a trained pool, ready to probe (:class:`PoolProbe`,
   :mod:`~compolab.probes.pool`); :mod:`~compolab.probes.command` is ``compolab probe``.
 
@@ -22,6 +25,7 @@ the paper's OpenReview version (``OZVTqoli2N``); ITA and IEL are Eq. 11–12 and
 camera-ready version, as everywhere in compolab.
 """
 
+from compolab.probes.curvatures import PROBE_CURVATURES, curvature_gram, probe_curvature
 from compolab.probes.engine import Criterion, ProbeData, cross_entropy, evaluate_points
 from compolab.probes.jensen import JensenGap, jensen_gap
 from compolab.probes.paths import (
@@ -56,4 +60,7 @@ __all__ = [
     "open_pool_probe",
     "DEFAULT_LAMBDAS",
     "default_lambdas",
+    "PROBE_CURVATURES",
+    "probe_curvature",
+    "curvature_gram",
 ]

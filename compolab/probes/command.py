@@ -16,6 +16,7 @@ import torch
 from compolab.distributed import current_world
 from compolab.errors import ConfigError
 from compolab.pool import Pool
+from compolab.probes.curvatures import probe_curvature
 from compolab.probes.jensen import jensen_gap
 from compolab.probes.paths import Interpolation, default_lambdas, interpolate
 from compolab.probes.planes import filter_normalized_direction, plane
@@ -27,8 +28,13 @@ __all__ = ["PROBES", "CURVATURES", "PLOT_SUFFIXES", "check_outputs", "check_task
 #: The probes of ``compolab probe``.
 PROBES = ("interpolate", "plane", "jensen")
 #: ``curvature`` of :func:`probe_pool` (``--second-order`` of ``probe interpolate``): the prediction's
-#: curvature, or none.
-CURVATURES = ("none", "fisher", "hessian", "diagonal")
+#: curvature, or none. ``diagonal`` is the Fisher the run kept; ``kfac`` the K-FAC of the probes' loss
+#: at θ0 on the probe images (:func:`~compolab.probes.curvatures.probe_curvature`).
+CURVATURES = ("none", "fisher", "hessian", "diagonal", "kfac")
+#: ``curvature`` of the ``jensen`` probe (``--curvature``): ``fisher`` (Ω exact on the modules' span,
+#: and with the run's diagonal Fisher when it kept one) or ``all`` (exact, K-FAC and the exact
+#: diagonal, the last two on the probe images: one loss, three approximations).
+JENSEN_CURVATURES = ("fisher", "all")
 #: Figure formats of ``--plot``.
 PLOT_SUFFIXES = (".png", ".pdf", ".svg")
 
@@ -99,7 +105,8 @@ def probe_pool(
         span: a, b range of ``plane``.
         steps: λ values (default 41) or grid points per axis (default 21).
         composed: ``interpolate`` also along θ0 + λ·mean τ.
-        curvature: The curvature of ``interpolate``'s prediction, one of :data:`CURVATURES`.
+        curvature: The curvature of ``interpolate``'s prediction, one of :data:`CURVATURES`; of
+            ``jensen``'s Ω, one of :data:`JENSEN_CURVATURES`.
         random: Filter-normalised random directions of ``plane`` (0, 1 or 2) in place of modules.
         progress: Show progress bars.
         device: Where the probes run. Under ``torchrun`` every rank evaluates its share of the
@@ -110,8 +117,10 @@ def probe_pool(
     """
     if kind not in PROBES:
         raise ConfigError(f"unknown probe {kind!r}; choose one of {', '.join(PROBES)}")
-    if curvature not in CURVATURES:
-        raise ConfigError(f"`curvature` must be one of {', '.join(CURVATURES)}, got {curvature!r}")
+    allowed = JENSEN_CURVATURES if kind == "jensen" else CURVATURES
+    if curvature not in allowed:
+        raise ConfigError(f"`curvature` of the {kind} probe must be one of {', '.join(allowed)}, "
+                          f"got {curvature!r}")
     if random not in (0, 1, 2):
         raise ConfigError(f"a plane takes 0, 1 or 2 random directions, got {random}")
     out_path, plot_path = check_outputs(out, plot)
@@ -157,11 +166,19 @@ def probe_pool(
         results = [result]
     else:
         taus = {t: pp.taus[t] for t in chosen}
-        result = jensen_gap(pp.backbone, pp.theta0, taus, pp.data, pp.head, fisher=pp.fisher,
+        fisher, kfac = pp.fisher, None
+        if curvature == "all":
+            fisher, kfac = (probe_curvature(c, pp.backbone, pp.theta0, pp.head, pp.data)
+                            for c in ("diagonal", "kfac"))  # fmt: skip
+        result = jensen_gap(pp.backbone, pp.theta0, taus, pp.data, pp.head, fisher=fisher, kfac=kfac,
                             progress=progress)  # fmt: skip
         record["jensen"] = result.to_json()
+        record["curvature"] = curvature
         summary["measured"] = [round(v, 4) for v in result.measured]
-        summary["omega"] = [round(v, 4) for v in result.omega]
+        for name, values in result.omegas().items():
+            summary["omega" if name == "fisher" else f"omega_{name}"] = [round(v, 4) for v in values]
+        summary["omega_error"] = {name: [round(e, 4) for e in result.omega_error(name)]
+                                  for name in result.omegas()}  # fmt: skip
         results = [result]
     if not current_world().is_main:
         return summary
@@ -180,11 +197,13 @@ def _curves(
     if composed:
         curves.append(("composed", list(tasks), sum(pp.taus[t] for t in tasks) / len(tasks)))
     results, predictions = [], []
+    c = pp.fisher if curvature == "diagonal" else curvature
+    if curvature == "kfac":
+        c = probe_curvature("kfac", pp.backbone, pp.theta0, pp.head, pp.data)
     for label, own, tau in curves:
         results.append(interpolate(pp.backbone, pp.theta0, tau, pp.data, pp.head, lambdas, label=label,
                                    own=own, progress=progress))  # fmt: skip
         if curvature != "none":
-            c = pp.fisher if curvature == "diagonal" else curvature
             predictions.append(second_order(pp.backbone, pp.theta0, tau, pp.data, pp.head, curvature=c,
                                             label=label, progress=progress))  # fmt: skip
     return results, predictions

@@ -5,7 +5,8 @@ Along :math:`\phi(\lambda) = \ell(\theta_0 + \lambda\tau)` the prediction is
 .. math:: \hat\ell(\lambda) = \ell(\theta_0) + \lambda\, g^\top\tau + \tfrac12 \lambda^2\, \tau^\top C \tau ,
 
 with the first-order term measured at θ0 (the paper assumes it vanishes) and C the Fisher (exact
-along τ), the Hessian, or the diagonal Fisher the paper uses as a proxy (Eq. 12).
+along τ), the Hessian, a K-FAC, or the diagonal Fisher the paper uses as a proxy (Eq. 12)
+(:mod:`~compolab.probes.curvatures`).
 
 Second derivatives are taken forward-over-reverse (``jvp(grad(·))``): in torch 2.14 the
 forward-over-forward derivative of ``layer_norm`` is wrong (tests/test_probes.py checks the
@@ -23,9 +24,9 @@ from torch.func import functional_call, grad, jvp
 from tqdm.auto import tqdm
 
 from compolab.curvature import math_attention
-from compolab.errors import ConfigError
-from compolab.fisher_store import DiagonalFisher
+from compolab.kfac import KFAC
 from compolab.linearize import linearized_forward
+from compolab.probes.curvatures import Curvature, curvature_kind
 from compolab.probes.engine import (
     Criterion,
     ProbeData,
@@ -75,7 +76,7 @@ class SecondOrder:
         slope: ``{task: s = gᵀτ}``, the first-order term measured at θ0.
         curvature: ``{task: q = τᵀCτ}``.
         kind: C: ``"fisher"`` (exact along τ; the generalised Gauss–Newton for other criteria),
-            ``"hessian"`` or ``"diagonal"`` (a diagonal Fisher).
+            ``"hessian"``, ``"kfac"`` or ``"diagonal"`` (a diagonal Fisher).
         label: Name of the direction.
     """
 
@@ -128,7 +129,7 @@ def second_order(
     data: ProbeData,
     head: nn.Module,
     *,
-    curvature: str | DiagonalFisher = "fisher",
+    curvature: str | Curvature = "fisher",
     label: str = "τ",
     criterion: Criterion = cross_entropy,
     batch_size: int = 256,
@@ -145,13 +146,16 @@ def second_order(
       matrix *is* the true Fisher;
     * ``"hessian"``: :math:`\tau^\top H\tau = \phi''(0)` (forward-over-reverse through the model);
     * a :class:`~compolab.fisher_store.DiagonalFisher`: :math:`\sum_i \bar F_i\tau_i^2`, the
-      paper's proxy of Eq. 12 (the same q for every task).
+      paper's proxy of Eq. 12 (the same q for every task);
+    * a :class:`~compolab.kfac.KFAC`: :math:`\sum_W \mathrm{tr}(\Delta W^\top G\,\Delta W A)`
+      (the same q for every task).
 
     Args:
         backbone, theta0, data, head, criterion, batch_size, progress: As in
             :func:`~compolab.probes.engine.evaluate_points`.
         tau: The direction τ.
-        curvature: C: ``"fisher"``, ``"hessian"`` or a diagonal Fisher.
+        curvature: C: ``"fisher"``, ``"hessian"``, a diagonal Fisher or a K-FAC (e.g.
+            :func:`~compolab.probes.curvatures.probe_curvature` on ``data``).
         label: Name of the direction in the result.
 
     Returns:
@@ -161,10 +165,12 @@ def second_order(
         ConfigError: An unknown curvature, or τ not matching θ0 / the Fisher.
     """
     names = check_directions(theta0, [tau])
-    if not isinstance(curvature, DiagonalFisher) and curvature not in ("fisher", "hessian"):
-        raise ConfigError(f"curvature must be 'fisher', 'hessian' or a DiagonalFisher, got {curvature!r}")
-    kind = "diagonal" if isinstance(curvature, DiagonalFisher) else curvature
-    diagonal_q = float(curvature.quadratic(tau)) if isinstance(curvature, DiagonalFisher) else None
+    kind = curvature_kind(curvature)
+    fixed_q = None  # the same q for every task: a diagonal Fisher or a K-FAC
+    if isinstance(curvature, KFAC):
+        fixed_q = float(curvature.quadratic({n: tau[n] for n in names}))
+    elif kind == "diagonal":
+        fixed_q = float(curvature.quadratic(tau))
     like = theta0[names[0]]
     loss0, slope, quad = {}, {}, {}
     was_training = backbone.training
@@ -187,6 +193,6 @@ def second_order(
                 sums += torch.stack([value, first, second]).double().cpu()
             n = len(data.y[t])
             loss0[t], slope[t] = float(sums[0] / n), float(sums[1] / n)
-            quad[t] = diagonal_q if diagonal_q is not None else float(sums[2] / n)
+            quad[t] = fixed_q if fixed_q is not None else float(sums[2] / n)
     backbone.train(was_training)
     return SecondOrder(loss0, slope, quad, kind, label)
