@@ -39,7 +39,8 @@ def read_run(out: str | Path, edits: dict | None = None) -> RunRecord:
         raise ValueError(f"{out}: the run has not finished (no final_accuracy)")
     fa = tuple(sum(row) / len(row) for row in results.get("accuracy_matrix") or [] if row)
     return RunRecord(cfg["method"], cfg["finetune"]["style"], cfg["method_cfg"]["ablation"],
-                     cfg["finetune"]["seed"], results["final_accuracy"], edits, str(out), fa)  # fmt: skip
+                     cfg["finetune"]["seed"], results["final_accuracy"], edits, str(out), fa,
+                     cfg["method_cfg"].get("curvature", "diag"))  # fmt: skip
 
 
 def _open(run_dir: str | Path, backbone: nn.Module | None, bench: Benchmark | None, device: str):

@@ -228,9 +228,15 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
     runs = [j for j in jobs if j["kind"] == "run"]
     # ITA: 3 styles × (plain, cls-only; no-reg is naive); IEL: 3 styles × (plain, no-reg, cls-only);
     # naive: 3 styles; TMC, seq, joint: LoRA; seeds 1-2 of ITA and IEL (LoRA) and of the other seeded
-    # rows (naive LoRA, ITA full, naive full), all on the 10-task benchmark
-    assert len(runs) == 3 * 2 + 3 * 3 + 3 + 3 + 2 * 2 + 2 * 3
+    # rows (naive LoRA, ITA full, naive full), all on the 10-task benchmark; K-FAC curvature: ITA and IEL
+    # in LoRA and full for seed 0, ITA's two for seeds 1-2 too
+    assert len(runs) == 3 * 2 + 3 * 3 + 3 + 3 + 2 * 2 + 2 * 3 + 4 + 2 * 2
     assert sum(j["name"].startswith(("naive-lora-s", "ita-full-s", "naive-full-s")) for j in runs) == 9
+    kfac = sorted(j["name"].rsplit("-", 1)[0] for j in runs if "-kfac-" in j["name"])
+    assert kfac == sorted([f"ita-{s}-kfac-s{i}" for s in ("lora", "full") for i in range(3)]
+                          + ["iel-lora-kfac-s0", "iel-full-kfac-s0"])  # fmt: skip
+    kfac_cost = {j["name"].rsplit("-", 2)[0]: j["cost"] for j in runs if "-s0-" in j["name"]}
+    assert kfac_cost["ita-lora-kfac"] == 2 * kfac_cost["ita-lora"]
     planned = [j for j in plan(ReproduceConfig(notebooks=None)) if j.kind == "run"]
     assert {RunConfig.from_json(j.args["config"]).dataset for j in planned} == {"tiny10"}
     assert not any(j["name"].startswith("ita-") and "-no-reg-" in j["name"] for j in runs)
@@ -392,8 +398,9 @@ def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch)
     cfg = ReproduceConfig(methods=("ita", "naive"), styles=("full",), seeds=1, notebooks=None,
                           cache=str(tmp_path / "c"), out=str(tmp_path / "f"))  # fmt: skip
     runs = [j for j in plan(cfg) if j.kind == "run"]
-    assert sorted(j.name.split("-s0")[0] for j in runs) == ["ita-full", "ita-full-cls-only", "naive-full"]
-    fa = {"ita-full": 70.0, "ita-full-cls-only": 65.0, "naive-full": 60.0}
+    assert sorted(j.name.split("-s0")[0] for j in runs) == ["ita-full", "ita-full-cls-only", "ita-full-kfac",
+                                                             "naive-full"]  # fmt: skip
+    fa = {"ita-full": 70.0, "ita-full-cls-only": 65.0, "ita-full-kfac": 72.0, "naive-full": 60.0}
     for j in runs:
         Path(j.args["out"]).mkdir(parents=True)
         Path(j.args["out"], "results.json").write_text("{}")
@@ -401,12 +408,16 @@ def test_tables_show_a_shared_run_in_both_rows_and_say_so(tmp_path, monkeypatch)
 
     def fake_read_run(out, edits=None):
         name = Path(out).name.split("-s0")[0]
-        return RunRecord(name.split("-")[0], "full", ablation.get(name, "none"), 0, fa[name], edits, str(out))
+        curvature = "kfac" if name.endswith("-kfac") else "diag"
+        return RunRecord(name.split("-")[0], "full", ablation.get(name, "none"), 0, fa[name], edits, str(out),
+                         curvature=curvature)  # fmt: skip
 
     monkeypatch.setattr(tw, "read_run", fake_read_run)
     rp.write_tables(cfg, plan(cfg))
     md = (tmp_path / "f" / "tables" / "composition.md").read_text()
     assert "| ITA without Eq. 12 reg. | 60.0 |" in md and "| naive task arithmetic | 60.0 |" in md
+    rows = [md.index(row) for row in ("| ITA | 70.0 |", "| ITA, K-FAC curvature | 72.0 |", "without Eq. 12")]
+    assert rows == sorted(rows)
     assert "one computation" in md
     assert "one computation" not in (tmp_path / "f" / "tables" / "unlearning.md").read_text()
 
@@ -419,11 +430,14 @@ def test_fa_by_tasks_table_is_the_mean_over_seeds_of_each_row_of_the_accuracy_ma
     runs += [RunRecord("naive", "lora", "none", 0, 60.0, fa_by_tasks=(90.0, 75.0, 60.0)),
              RunRecord("naive", "full", "none", 0, 50.0, fa_by_tasks=(85.0, 65.0, 50.0)),
              RunRecord("ita", "lora", "cls-only", 0, 71.0, fa_by_tasks=(90.0, 81.0, 71.0)),  # an ablation
+             RunRecord("ita", "lora", "none", 0, 72.0, fa_by_tasks=(91.0, 82.0, 72.0), curvature="kfac"),
              RunRecord("joint", "lora", "none", 0, 85.0, fa_by_tasks=(85.0,))]  # one row: not a T curve
     table = fa_by_tasks_table(runs)
     assert table.columns == ["method", "style", "T=1", "T=2", "T=3"]
     assert [(r["method"], r["style"]) for r in table.rows] == [
-        ("naive task arithmetic", "full"), ("ITA", "lora"), ("naive task arithmetic", "lora")]
+        ("naive task arithmetic", "full"), ("ITA", "lora"), ("ITA, K-FAC curvature", "lora"),
+        ("naive task arithmetic", "lora")]
+    assert table.select(method="ITA, K-FAC curvature", style="lora")["T=2"].mean == 82.0
     assert table.select(method="naive task arithmetic", style="full")["T=2"].mean == 65.0
     ita = table.select(method="ITA", style="lora")
     assert (ita["T=2"].mean, ita["T=2"].n) == (81.0, 2) and ita["T=3"].std == pytest.approx(0.5**0.5)

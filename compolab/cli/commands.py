@@ -302,7 +302,7 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
                              ("styles", _names(args.styles))) if v is not None},
         seeds=args.seeds, out=args.out, cache=args.cache, workers=args.workers,
         notebooks=None if args.no_notebooks else notebooks, num_tasks=args.num_tasks, epochs=args.epochs,
-        device=args.device, merges=not args.no_merges,
+        device=args.device, merges=not args.no_merges, kfac=not args.no_kfac,
     )  # fmt: skip
     if args.plan:
         jobs = plan(cfg)

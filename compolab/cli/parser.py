@@ -233,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", default=None, help="notebooks folder (default: ./notebooks on tiny)")
     p.add_argument("--no-notebooks", action="store_true", help="make the tables only")
     p.add_argument("--no-merges", action="store_true", help="skip the merging tables (compolab merge)")
+    p.add_argument("--no-kfac", action="store_true",
+                   help="skip the rows trained with K-FAC curvature (they need curvlinops)")  # fmt: skip
     p.add_argument("--device", default="cpu", help="training device: cpu (default), cuda or auto")
     p.set_defaults(func=commands.cmd_reproduce)
     return parser

@@ -18,7 +18,9 @@ One command, one overall progress bar, four kinds of jobs:
    cached as JSON next to the runs, and **merges** of the seed-0 pools of
    :data:`~compolab.tables.policy.MERGED_POOLS` (:func:`compolab.reproduce.runs.job_merges`: the
    pool's statistics, then every merge of :mod:`compolab.merging` with its validation grid and its
-   second-order view), cached likewise (``merges=False`` skips them);
+   second-order view), cached likewise (``merges=False`` skips them); the rows of
+   :data:`~compolab.tables.policy.CURVATURE_ROWS` are trained a second time with K-FAC curvature
+   (``kfac=False`` skips them);
 3. **tables** under ``<out>/tables/``: composition, unlearning, specialization, FA after T tasks
    and the merging tables (markdown + CSV, :mod:`compolab.tables`), written as soon as the runs,
    edits and merges are done;

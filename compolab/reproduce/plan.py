@@ -19,7 +19,15 @@ from compolab.merge_pool import GRIDS
 from compolab.methods import get_method
 from compolab.reproduce.notebooks import notebook_key, notebook_record
 from compolab.run import RunConfig, run_config
-from compolab.tables.policy import CLAIM_METHODS, MERGED_POOLS, SAME_RUN, SEEDED_ROWS, TABLE_METHODS
+from compolab.tables.policy import (
+    CLAIM_METHODS,
+    CURVATURE_ROWS,
+    MERGED_POOLS,
+    SAME_RUN,
+    SEEDED_CURVATURE_ROWS,
+    SEEDED_ROWS,
+    TABLE_METHODS,
+)
 from compolab.tuning import STYLES
 
 __all__ = ["ReproduceConfig", "Job", "plan", "format_plan", "CLI_FLAGS"]
@@ -36,6 +44,9 @@ TINY_EPOCHS = 3
 SECONDS_PER_IMAGE_EPOCH = {"full": 5.0e-3, "lora": 4.5e-3, "ia3": 4.0e-3}
 #: A linearised (TMC) step costs about this many plain ones (``compolab bench tmc``).
 LINEARISED_FACTOR = 2.0
+#: A run with K-FAC curvature costs about this many diagonal ones on tiny10: ``compolab bench step``
+#: measures 1.4× (ITA) / 1.8× (IEL) with 2–3 previous tasks; over 10 tasks the penalty sums up to 9.
+KFAC_FACTOR = 2.0
 #: Estimates of the other jobs (seconds, one thread; a cold ``compolab reproduce`` of tiny10).
 EDITS_SECONDS, MERGES_SECONDS, NOTEBOOK_SECONDS = 55.0, 150.0, 90.0
 #: The fields whose ``compolab reproduce`` flag is not ``--`` + the field (``_`` → ``-``).
@@ -65,6 +76,8 @@ class ReproduceConfig:
         negate_coef: γ of negated modules, relative to the kept ones' weight.
         merges: Merge the pools of :data:`~compolab.tables.policy.MERGED_POOLS` every way
             (:mod:`compolab.merging`) for the merging tables.
+        kfac: Train the rows of :data:`~compolab.tables.policy.CURVATURE_ROWS` again with K-FAC
+            curvature (needs curvlinops).
 
     Raises:
         ConfigError: For a bad field; the message names it in backticks (``seeds``, ...).
@@ -85,6 +98,7 @@ class ReproduceConfig:
     device: str = "cpu"
     negate_coef: float = 1.0
     merges: bool = True
+    kfac: bool = True
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
@@ -158,12 +172,16 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
     """The grid for seed 0, then the claim rows for the other seeds."""
     out = []
 
-    def add(method: str, style: str, ablation: str = "none", seed: int = 0) -> None:
+    def add(method: str, style: str, ablation: str = "none", seed: int = 0, curvature: str = "diag") -> None:
         epochs = cfg.epochs
         if epochs is None and cfg.preset == "tiny" and not get_method(method).finetune_overrides.get("tiny"):
             epochs = TINY_EPOCHS  # the methods on the preset's shared schedule; TMC keeps its own
         out.append(run_config(method, style, preset=cfg.preset, dataset=cfg.benchmark, ablation=ablation,
-                              seed=seed, num_tasks=cfg.tasks, epochs=epochs))  # fmt: skip
+                              seed=seed, num_tasks=cfg.tasks, epochs=epochs,
+                              curvature=curvature))  # fmt: skip
+
+    def wanted(rows: tuple[tuple[str, str], ...]) -> list[tuple[str, str]]:
+        return [(m, s) for m, s in rows if m in cfg.methods and s in cfg.styles]
 
     for method in cfg.methods:
         m = get_method(method)  # the references and TMC once, in the editing style
@@ -172,18 +190,22 @@ def _run_configs(cfg: ReproduceConfig) -> list[RunConfig]:
                 same = SAME_RUN.get((method, ablation))
                 if same is None or same[0] not in cfg.methods:  # else that run stands for this one
                     add(method, style, ablation)
+    for method, style in wanted(CURVATURE_ROWS) if cfg.kfac else []:
+        add(method, style, curvature="kfac")
     for seed in range(1, cfg.seeds):
         for method in (m for m in CLAIM_METHODS if m in cfg.methods):
             add(method, cfg.edit_style, seed=seed)
-        for method, style in SEEDED_ROWS:  # the other composition rows the notebooks assert over seeds
-            if method in cfg.methods and style in cfg.styles:
-                add(method, style, seed=seed)
+        for method, style in wanted(SEEDED_ROWS):  # other composition rows the notebooks assert over seeds
+            add(method, style, seed=seed)
+        for method, style in wanted(SEEDED_CURVATURE_ROWS) if cfg.kfac else []:
+            add(method, style, seed=seed, curvature="kfac")
     return out
 
 
 def _run_name(rc: RunConfig) -> str:
-    """``<method>-<style>[-<ablation>]-s<seed>-<first 8 hex digits of the config's sha256>``."""
+    """``<method>-<style>[-<ablation>][-<curvature>]-s<seed>-<first 8 hex digits of the config's sha256>``."""
     ablation = "" if rc.method_cfg.ablation == "none" else f"-{rc.method_cfg.ablation}"
+    ablation += "" if rc.method_cfg.curvature == "diag" else f"-{rc.method_cfg.curvature}"
     digest = hashlib.sha256(canonical_json(rc.to_json())).hexdigest()[:8]
     return f"{rc.method}-{rc.finetune.style}{ablation}-s{rc.finetune.seed}-{digest}"
 
@@ -195,6 +217,7 @@ def _run_cost(cfg: ReproduceConfig, rc: RunConfig) -> float | None:
     world = replace(get_preset(cfg.preset).world, **TINY_DATASETS.get(rc.dataset or "tiny", {}))
     images = world.train_per_class * world.classes_per_task * (rc.num_tasks or world.num_tasks)
     factor = LINEARISED_FACTOR if get_method(rc.method).linearised else 1.0
+    factor *= KFAC_FACTOR if rc.method_cfg.curvature == "kfac" else 1.0
     return images * rc.finetune.epochs * SECONDS_PER_IMAGE_EPOCH[rc.finetune.style] * factor
 
 
@@ -211,7 +234,8 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
                         seconds=results.get("wall_seconds") if finished else None))  # fmt: skip
         method = get_method(rc.method)
         seeded = rc.finetune.seed == 0 or rc.method in CLAIM_METHODS  # the other seeds: FA rows only
-        edited = rc.finetune.style == cfg.edit_style and rc.method_cfg.ablation == "none" and seeded
+        paper_row = rc.method_cfg.ablation == "none" and rc.method_cfg.curvature == "diag"
+        edited = rc.finetune.style == cfg.edit_style and paper_row and seeded
         if method.editable and edited:
             path = cache / "edits" / f"{name}.json"
             done = _measured(status, path, out)
@@ -220,7 +244,7 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
                     "device": cfg.device}  # fmt: skip
             jobs.append(Job("edits", f"edits {name}", cost, args, after=(name,),
                             status="cached" if done else "new"))  # fmt: skip
-        merged = (rc.method, rc.finetune.style) in MERGED_POOLS and rc.method_cfg.ablation == "none"
+        merged = (rc.method, rc.finetune.style) in MERGED_POOLS and paper_row
         if cfg.merges and merged and rc.finetune.seed == 0:
             path = cache / "merges" / f"{name}.json"
             args = {"run_dir": str(out), "path": str(path)}

@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from compolab.methods import get_method
-from compolab.tables.policy import TABLE_METHODS
+from compolab.tables.policy import CURVATURE_LABELS, TABLE_METHODS
 from compolab.tables.table import Stat, Table
 from compolab.tuning import STYLES
 
@@ -28,6 +28,7 @@ class RunRecord:
         path: The run folder.
         fa_by_tasks: FA (%) after each task: the mean of each row of its accuracy matrix (the FA
             of a run of the first T tasks, since no task's training depends on the later ones).
+        curvature: The curvature of ITA's / IEL's penalty (``diag``, the paper's, or ``kfac``).
     """
 
     method: str
@@ -38,14 +39,22 @@ class RunRecord:
     edits: dict | None = None
     path: str = ""
     fa_by_tasks: tuple[float, ...] = ()
+    curvature: str = "diag"
 
 
-def _groups(runs: Iterable[RunRecord]) -> dict[tuple[str, str, str], list[RunRecord]]:
-    """``(method, style, ablation) -> runs`` (one per seed, in seed order)."""
-    out: dict[tuple[str, str, str], list[RunRecord]] = {}
+def _groups(runs: Iterable[RunRecord]) -> dict[tuple[str, str, str, str], list[RunRecord]]:
+    """``(method, style, ablation, curvature) -> runs`` (one per seed, in seed order)."""
+    out: dict[tuple[str, str, str, str], list[RunRecord]] = {}
     for r in sorted(runs, key=lambda r: r.seed):
-        out.setdefault((r.method, r.style, r.ablation), []).append(r)
+        out.setdefault((r.method, r.style, r.ablation, r.curvature), []).append(r)
     return out
+
+
+def _label(name: str, ablation: str = "none", curvature: str = "diag") -> str:
+    """The row label: the method's, its ablation's, with a non-diagonal curvature named."""
+    method = get_method(name)
+    label = (method.label or name) if ablation == "none" else method.ablation_labels[ablation]
+    return label if curvature == "diag" else f"{label}, {CURVATURE_LABELS.get(curvature, curvature)}"
 
 
 def _method_order(names: Iterable[str]) -> list[str]:
@@ -62,14 +71,13 @@ def composition_table(runs: Iterable[RunRecord]) -> Table:
     for name in _method_order(k[0] for k in groups):
         method = get_method(name)
         for ablation in ("none", *method.ablation_labels):
-            if not any(k[0] == name and k[2] == ablation for k in groups):
-                continue
-            label = (method.label or name) if ablation == "none" else method.ablation_labels[ablation]
-            row: dict = {"method": label}
-            for style in styles:
-                rs = groups.get((name, style, ablation))
-                row[style] = Stat.of(r.final_accuracy for r in rs) if rs else None
-            rows.append(row)
+            for curvature in sorted({k[3] for k in groups if k[0] == name and k[2] == ablation},
+                                    key=lambda c: (c != "diag", c)):  # fmt: skip
+                row: dict = {"method": _label(name, ablation, curvature)}
+                for style in styles:
+                    rs = groups.get((name, style, ablation, curvature))
+                    row[style] = Stat.of(r.final_accuracy for r in rs) if rs else None
+                rows.append(row)
     most = max((len(v) for v in groups.values()), default=0)
     return Table("Composition: final average accuracy (%) of θ0 + Σ_t τ_t / T", ["method", *styles], rows,
                  note="Class-incremental, argmax over every class seen. mean ± std over seeds where a "
@@ -83,7 +91,7 @@ def _ratio(x: float, before: float) -> float:
 def _editable(runs: Iterable[RunRecord], style: str) -> dict[str, list[RunRecord]]:
     """``method -> runs`` with measured edits, of ``style``, without ablation, in table order."""
     groups = {k[0]: v for k, v in _groups(r for r in runs if r.edits is not None).items()
-              if k[1] == style and k[2] == "none" and get_method(k[0]).editable}  # fmt: skip
+              if k[1:] == (style, "none", "diag") and get_method(k[0]).editable}  # fmt: skip
     return {m: groups[m] for m in _method_order(groups)}
 
 
@@ -153,10 +161,12 @@ def fa_by_tasks_table(runs: Iterable[RunRecord]) -> Table:
     rows = []
     for style in (s for s in STYLES if any(k[1] == s for k in groups)):
         for name in _method_order(k[0] for k in groups if k[1] == style):
-            rs = [r for r in groups[(name, style, "none")] if len(r.fa_by_tasks) == n]
-            if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
-                rows.append({"method": get_method(name).label or name, "style": style,
-                             **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
+            for curvature in sorted({k[3] for k in groups if k[:2] == (name, style)},
+                                    key=lambda c: (c != "diag", c)):  # fmt: skip
+                rs = [r for r in groups[(name, style, "none", curvature)] if len(r.fa_by_tasks) == n]
+                if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
+                    rows.append({"method": _label(name, "none", curvature), "style": style,
+                                 **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
     return Table("FA (%) after T tasks", ["method", "style", *columns], rows,
                  note="Row T of each run's accuracy matrix (the composition of its first T modules); "
                       "mean ± std over seeds.")  # fmt: skip

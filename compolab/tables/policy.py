@@ -12,6 +12,8 @@ Examples:
     (('naive', 'lora'), ('ita', 'full'), ('naive', 'full'))
     >>> MERGED_POOLS[:3]
     (('ita', 'lora'), ('iel', 'lora'), ('naive', 'lora'))
+    >>> CURVATURE_ROWS, SEEDED_CURVATURE_ROWS
+    ((('ita', 'lora'), ('ita', 'full'), ('iel', 'lora'), ('iel', 'full')), (('ita', 'lora'), ('ita', 'full')))
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from compolab.methods.baselines import Joint, Naive, Sequential
 from compolab.methods.ita_iel import IEL, ITA
 from compolab.methods.tangent import TMC
 
-__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS", "MERGED_POOLS"]
+__all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS", "MERGED_POOLS", "CURVATURE_ROWS",
+           "SEEDED_CURVATURE_ROWS", "CURVATURE_LABELS"]
 
 #: Rows of the kit's tables (:mod:`compolab.tables`, ``compolab reproduce``), in order: the paper's
 #: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
@@ -35,6 +38,14 @@ CLAIM_METHODS: tuple[str, ...] = (ITA.name, IEL.name)
 #: (ITA vs ITA without Eq. 12 = naive task arithmetic) in LoRA and full fine-tuning is asserted on a
 #: mean over seeds, like the claim methods in the editing style.
 SEEDED_ROWS: tuple[tuple[str, str], ...] = ((Naive.name, "lora"), (ITA.name, "full"), (Naive.name, "full"))
+#: Rows trained again with K-FAC curvature (``--curvature kfac``, :mod:`compolab.kfac`) in place of the
+#: paper's diagonal Fisher, ``(method, style)``: composition and FA-after-T rows only (no edits or
+#: merges). The first ``SEEDED_CURVATURE_ROWS`` of them are trained for every seed (the notebook's
+#: diagonal-vs-K-FAC claim is on a mean over seeds).
+CURVATURE_ROWS: tuple[tuple[str, str], ...] = tuple((m.name, s) for m in (ITA, IEL) for s in ("lora", "full"))
+SEEDED_CURVATURE_ROWS: tuple[tuple[str, str], ...] = CURVATURE_ROWS[:2]
+#: How a row names a curvature other than the paper's diagonal.
+CURVATURE_LABELS: dict[str, str] = {"kfac": "K-FAC curvature"}
 #: The pools every merge of :mod:`compolab.merging` is applied to (seed 0), ``(method, style)``:
 #: the columns of the merging table.
 MERGED_POOLS: tuple[tuple[str, str], ...] = tuple(
