@@ -257,6 +257,9 @@ def test_plan_lists_the_grid_the_seeds_and_the_edits(tmp_path, capsys):
     )
     merged = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "merges")
     assert merged == sorted(f"{m}-{s}-s0" for m, s in MERGED_POOLS)  # seed 0 of the merging table's pools
+    probed = sorted(j["name"].split()[1].rsplit("-", 1)[0] for j in jobs if j["kind"] == "curvature")
+    pools = ("ita-full", "ita-full-kfac", "naive-full")
+    assert probed == sorted(f"{p}-s{i}" for p in pools for i in range(3))
     assert all(j["status"] == "new" and j["cost"] > 0 for j in jobs)
     assert not (tmp_path / "c").exists()  # a plan creates nothing
 
@@ -487,3 +490,33 @@ def test_reproduce_merges_a_pool_every_way_and_writes_the_merging_tables(tmp_pat
     table = read_table(tmp_path / "figures" / "tables" / "merging.csv")
     assert table.columns == ["merge", "naive task arithmetic lora"] and len(table.rows) == 1 + len(MERGES)
     assert (tmp_path / "figures" / "tables" / "merging_lens.md").exists()
+
+
+def test_curvature_job_and_table_of_a_small_pool(tmp_path, bench, backbone):
+    """The curvature job caches the Jensen gap with all three curvatures; the table reads it back:
+    Ω / measured and the composed-loss error are the record's own numbers."""
+    pytest.importorskip("curvlinops")
+    from compolab.probes import JensenGap
+    from compolab.reproduce.runs import job_curvature
+    from compolab.tables.write import write_curvature_tables
+
+    _small_run(tmp_path / "run", bench, backbone)
+    path = tmp_path / "curvature" / "run.json"
+    job_curvature(str(tmp_path / "run"), str(path), per_task=3, mc_samples=2, benchmark=bench,
+                  backbone=backbone)
+    record = json.loads(path.read_text())
+    assert record["settings"] == {"per_task": 3, "mc_samples": 2}
+    assert record["results_sha256"] == file_sha256(tmp_path / "run" / "results.json")
+    gap = JensenGap.from_json(record["jensen"])
+    assert set(gap.omegas()) == {"fisher", "kfac", "diagonal"} and gap.sizes == [1, 2, 3]
+    written = write_curvature_tables([(str(tmp_path / "run"), str(path))], tmp_path / "tables")
+    assert [p.name for p in written] == ["curvature.md", "curvature.csv"]
+    table = read_table(tmp_path / "tables" / "curvature.csv")
+    pool = "naive task arithmetic lora"
+    kfac = table.select(pool=pool, quantity="Ω / measured", curvature="K-FAC")
+    assert kfac["K=3"].mean == pytest.approx(gap.omega_kfac[2] / gap.measured[2], abs=1e-3)
+    loss = table.select(pool=pool, quantity="composed-loss error", curvature="diagonal")
+    expected = abs(gap.predicted["diagonal"][1] - gap.composed[1]) / gap.composed[1]
+    assert loss["K=2"].mean == pytest.approx(expected, abs=1e-3)
+    missing = [(str(tmp_path / "run"), str(tmp_path / "missing.json"))]
+    assert write_curvature_tables(missing, tmp_path / "t2") == []

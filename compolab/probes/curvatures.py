@@ -13,9 +13,10 @@ multi-task loss ℓ (the pool's heads concatenated, every probe image):
   (:mod:`compolab.kfac`): per-layer blocks, each a Kronecker product — no cross-layer terms;
 * ``"diagonal"``: its diagonal :math:`\sum_i F_{ii}\,\tau_{s,i}\tau_{t,i}`, the paper's proxy of Eq. 12.
 
-:func:`probe_curvature` computes the last two **on the probe images** (true Fisher, no sampled
-labels), so that the three differ only by their approximation; :func:`curvature_gram` gives the
-matrix :math:`(\tau_s^\top C\tau_t)_{st}` of either.
+:func:`probe_curvature` computes the last two **on the probe images** (the true Fisher, or its
+unbiased Monte-Carlo estimate with sampled labels, which costs ``mc_samples`` backward passes per
+image instead of one per class), so that the three differ only by their approximation;
+:func:`curvature_gram` gives the matrix :math:`(\tau_s^\top C\tau_t)_{st}` of either.
 """
 
 from __future__ import annotations
@@ -61,13 +62,18 @@ def probe_curvature(
     head: nn.Module,
     data: ProbeData,
     *,
+    fisher_type: str = "exact",
+    mc_samples: int = 1,
+    seed: int = 0,
     batch_size: int = 256,
 ) -> Curvature:
     r"""The ``"diagonal"`` or ``"kfac"`` curvature of the probes' loss at θ0, on ``data``'s images.
 
-    Both are the **true** Fisher (the kit's ``"exact"`` diagonal; curvlinops' ``"type-2"`` K-FAC) of
-    ``head(backbone(x))`` over every image of ``data`` (the mean over images: with equal images per
-    task, the mean over tasks of the probes), at ``theta0``, for the weights of ``theta0``.
+    Both are the Fisher of ``head(backbone(x))`` over every image of ``data`` (the mean over images:
+    with equal images per task, the mean over tasks of the probes), at ``theta0``, for the weights of
+    ``theta0``: the true one (``fisher_type="exact"``: the kit's exact diagonal, curvlinops'
+    ``"type-2"`` K-FAC; one backward pass per class) or its Monte-Carlo estimate (``"mc"``:
+    ``mc_samples`` labels drawn per image from the model, seeded).
 
     Args:
         kind: ``"diagonal"`` or ``"kfac"``.
@@ -75,6 +81,9 @@ def probe_curvature(
         theta0: θ0's tuned weights (the modules' names).
         head: The pool's heads (fixed); the softmax runs over all its outputs.
         data: The probe images.
+        fisher_type: ``"exact"`` or ``"mc"``.
+        mc_samples: Labels per image for ``"mc"``.
+        seed: Seed of the sampled labels.
         batch_size: Images per batch.
 
     Raises:
@@ -83,13 +92,18 @@ def probe_curvature(
     """
     if kind not in ("diagonal", "kfac"):
         raise ConfigError(f"probe_curvature computes 'diagonal' or 'kfac', got {kind!r}")
+    if fisher_type not in ("exact", "mc"):
+        raise ConfigError(f"`fisher_type` must be 'exact' or 'mc', got {fisher_type!r}")
     like = next(iter(theta0.values()))
     loader = [(x.to(like.device), y.to(like.device)) for t in data.tasks
               for x, y in batches(data.x[t], data.y[t], batch_size)]  # fmt: skip
     names, params = list(theta0), dict(theta0)
+    mc = {"mc_samples": mc_samples} if fisher_type == "mc" else {}
     if kind == "diagonal":
-        return diagonal_fisher(backbone, head, loader, names=names, kind="exact", params=params)
-    return kfac_at(backbone, head, loader, names, fisher_type="type-2", params=params)
+        gen = torch.Generator(like.device).manual_seed(seed) if fisher_type == "mc" else None
+        return diagonal_fisher(backbone, head, loader, names=names, kind=fisher_type, params=params,
+                               generator=gen, **mc)  # fmt: skip
+    return kfac_at(backbone, head, loader, names, fisher_type=fisher_type, params=params, seed=seed, **mc)
 
 
 def curvature_gram(curvature: Curvature, taus: Sequence[Mapping[str, Tensor]]) -> Tensor:

@@ -42,7 +42,7 @@ class PoolProbe:
 
 
 def open_pool_probe(
-    pool, *, split: str = "train", per_task: int = 50, seed: int = 0, bench=None, device="cpu"
+    pool, *, split: str = "train", per_task: int = 50, seed: int = 0, bench=None, backbone=None, device="cpu"
 ) -> PoolProbe:
     """Load a pool (folder or :class:`~compolab.pool.Pool`) for probing.
 
@@ -50,6 +50,7 @@ def open_pool_probe(
         pool: The pool.
         split, per_task, seed: The probe images (:meth:`ProbeData.from_benchmark`).
         bench: The benchmark, when the caller has it already (default: rebuilt from the manifest).
+        backbone: θ0's model, when the caller has it already (default: loaded from the manifest).
         device: Where θ0, the modules, the head and the Fisher go (the images move per batch).
 
     Raises:
@@ -62,7 +63,7 @@ def open_pool_probe(
 
     pool = pool if isinstance(pool, Pool) else Pool.open(pool)
     require_weights(pool, "the basin probes do not apply")
-    opened = open_pool(pool, bench=bench)
+    opened = open_pool(pool, bench=bench, backbone=backbone)
     entries, theta0 = opened.entries, opened.theta0
     ids = sorted(entries)
     head = IncrementalHead(

@@ -21,6 +21,7 @@ from compolab.reproduce.notebooks import notebook_key, notebook_record
 from compolab.run import RunConfig, run_config
 from compolab.tables.policy import (
     CLAIM_METHODS,
+    CURVATURE_POOLS,
     CURVATURE_ROWS,
     MERGED_POOLS,
     SAME_RUN,
@@ -48,7 +49,11 @@ LINEARISED_FACTOR = 2.0
 #: measures 1.4× (ITA) / 1.8× (IEL) with 2–3 previous tasks; over 10 tasks the penalty sums up to 9.
 KFAC_FACTOR = 2.0
 #: Estimates of the other jobs (seconds, one thread; a cold ``compolab reproduce`` of tiny10).
-EDITS_SECONDS, MERGES_SECONDS, NOTEBOOK_SECONDS = 55.0, 150.0, 90.0
+EDITS_SECONDS, MERGES_SECONDS, NOTEBOOK_SECONDS, CURVATURE_SECONDS = 55.0, 150.0, 90.0, 70.0
+#: The probe of the curvature table's jobs (:func:`compolab.reproduce.runs.job_curvature`): training
+#: images per task, and the Monte-Carlo labels per image of the K-FAC and the diagonal Fisher (on 10
+#: images of each of tiny10's tasks, 8 labels give Ω within 5 % of the exact Fisher's, 10× cheaper).
+CURVATURE_PROBE = {"per_task": 10, "mc_samples": 8}
 #: The fields whose ``compolab reproduce`` flag is not ``--`` + the field (``_`` → ``-``).
 CLI_FLAGS: dict[str, str] = {"num_tasks": "--tasks"}
 #: The fields :meth:`ReproduceConfig.command` spells when they differ from the default, in order.
@@ -147,10 +152,11 @@ class ReproduceConfig:
 
 @dataclass
 class Job:
-    """One unit of work: a ``run``, the ``edits`` of a run's pool, or a ``notebook``.
+    """One unit of work: a ``run``, the ``edits``, ``merges`` or ``curvature`` probe of a run's pool, or a
+    ``notebook``.
 
     Attributes:
-        kind: ``run``, ``edits`` or ``notebook``.
+        kind: ``run``, ``edits``, ``merges``, ``curvature`` or ``notebook``.
         name: Unique; a run's is its folder name.
         cost: Estimated seconds (None: unknown).
         args: The job function's keyword arguments.
@@ -251,6 +257,13 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
             grids = json.loads(json.dumps(GRIDS))  # as the cache holds them
             done = _measured(status, path, out) and read_json(path).get("grids") == grids
             jobs.append(Job("merges", f"merges {name}", MERGES_SECONDS, args, after=(name,),
+                            status="cached" if done else "new"))  # fmt: skip
+        probed = (rc.method, rc.finetune.style, rc.method_cfg.curvature) in CURVATURE_POOLS
+        if cfg.kfac and probed and rc.method_cfg.ablation == "none":
+            path = cache / "curvature" / f"{name}.json"
+            args = {"run_dir": str(out), "path": str(path), **CURVATURE_PROBE}
+            done = _measured(status, path, out) and read_json(path).get("settings") == CURVATURE_PROBE
+            jobs.append(Job("curvature", f"curvature {name}", CURVATURE_SECONDS, args, after=(name,),
                             status="cached" if done else "new"))  # fmt: skip
     return jobs
 

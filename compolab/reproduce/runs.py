@@ -1,6 +1,6 @@
 """The job functions of ``compolab reproduce``, as worker processes call them: train a run, measure
-the edits of its pool, merge its pool every way (:mod:`compolab.merging`), execute a notebook
-(:mod:`compolab.reproduce.notebooks`).
+the edits of its pool, merge its pool every way (:mod:`compolab.merging`), probe its composition
+gap per curvature, execute a notebook (:mod:`compolab.reproduce.notebooks`).
 
 A worker receives ``(kind, args)`` and calls :func:`execute`; every function here is importable by
 name, so ``spawn`` workers find them.
@@ -16,7 +16,7 @@ from compolab.measure import measure_edits
 from compolab.reproduce.notebooks import job_notebook
 from compolab.run import RunConfig, run
 
-__all__ = ["init_worker", "job_run", "job_edits", "job_merges", "execute"]
+__all__ = ["init_worker", "job_run", "job_edits", "job_merges", "job_curvature", "execute"]
 
 #: Training images per task behind each Fisher of Fisher merging (the exact Fisher costs one
 #: backward per class: ≈ 5 s per task of ``tiny10`` on one thread at 100 images).
@@ -75,8 +75,27 @@ def job_merges(run_dir: str, path: str, fisher_images: int = MERGE_FISHER_IMAGES
     write_json(path, out)
 
 
+def job_curvature(run_dir: str, path: str, per_task: int, mc_samples: int, benchmark=None,
+                  backbone=None) -> None:  # fmt: skip
+    """The composition gap of one run's pool against Ω per curvature (:func:`compolab.probes.jensen_gap`
+    with the K-FAC and the diagonal of :func:`compolab.probes.probe_curvature`, Monte-Carlo), cached
+    as JSON (tagged like :func:`job_edits`, with its settings)."""
+    from compolab.probes import jensen_gap, open_pool_probe, probe_curvature
+
+    pp = open_pool_probe(Path(run_dir) / "pool", per_task=per_task, bench=benchmark, backbone=backbone)
+    fisher, kfac = (probe_curvature(kind, pp.backbone, pp.theta0, pp.head, pp.data, fisher_type="mc",
+                                    mc_samples=mc_samples) for kind in ("diagonal", "kfac"))  # fmt: skip
+    gap = jensen_gap(pp.backbone, pp.theta0, pp.taus, pp.data, pp.head, fisher=fisher, kfac=kfac,
+                     progress=False)  # fmt: skip
+    out = {"results_sha256": file_sha256(Path(run_dir) / "results.json"),
+           "settings": {"per_task": per_task, "mc_samples": mc_samples}, "jensen": gap.to_json()}  # fmt: skip
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, out)
+
+
 #: ``kind -> job function`` of each :class:`~compolab.reproduce.plan.Job`.
-_FUNCTIONS = {"run": job_run, "edits": job_edits, "merges": job_merges, "notebook": job_notebook}
+_FUNCTIONS = {"run": job_run, "edits": job_edits, "merges": job_merges, "curvature": job_curvature,
+              "notebook": job_notebook}  # fmt: skip
 
 
 def execute(kind: str, args: dict) -> float:

@@ -18,7 +18,7 @@ from compolab.io import write_json
 from compolab.reproduce.notebooks import record_notebook
 from compolab.reproduce.plan import Job, ReproduceConfig, plan
 from compolab.reproduce.runs import execute, init_worker
-from compolab.tables.write import write_merge_tables, write_run_tables
+from compolab.tables.write import write_curvature_tables, write_merge_tables, write_run_tables
 
 __all__ = ["reproduce", "write_tables"]
 
@@ -33,8 +33,10 @@ def write_tables(cfg: ReproduceConfig, jobs: Sequence[Job]) -> list[Path]:
     made = f"_Made by `{cfg.command()}` ({cfg.preset} preset, {data}{cfg.tasks or 'all'} tasks)._"
     merges = [(j.args["run_dir"], j.args["path"]) for j in jobs if j.kind == "merges"]
     tables = Path(cfg.out) / "tables"
+    curvature = [(j.args["run_dir"], j.args["path"]) for j in jobs if j.kind == "curvature"]
     return write_run_tables(runs, tables, methods=cfg.methods, style=cfg.edit_style, made=made) + \
-        write_merge_tables(merges, tables, made=made)  # fmt: skip
+        write_merge_tables(merges, tables, made=made) + \
+        write_curvature_tables(curvature, tables, made=made)  # fmt: skip
 
 
 def _ready(job: Job, done: set[str], tables: bool) -> bool:
@@ -44,7 +46,8 @@ def _ready(job: Job, done: set[str], tables: bool) -> bool:
 
 def _priority(job: Job) -> tuple:
     """Runs, then edits and merges, then notebooks; the longest first; by name."""
-    return ({"run": 0, "edits": 1, "merges": 1, "notebook": 2}[job.kind], -(job.cost or 0.0), job.name)
+    order = {"run": 0, "edits": 1, "merges": 1, "curvature": 1, "notebook": 2}
+    return (order[job.kind], -(job.cost or 0.0), job.name)
 
 
 def reproduce(

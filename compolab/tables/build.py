@@ -14,7 +14,8 @@ from compolab.tables.policy import CURVATURE_LABELS, TABLE_METHODS
 from compolab.tables.table import Stat, Table
 from compolab.tuning import STYLES
 
-__all__ = ["RunRecord", "composition_table", "fa_by_tasks_table", "unlearning_table", "specialization_table"]
+__all__ = ["RunRecord", "row_label", "composition_table", "fa_by_tasks_table", "unlearning_table",
+           "specialization_table"]
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def _groups(runs: Iterable[RunRecord]) -> dict[tuple[str, str, str, str], list[R
     return out
 
 
-def _label(name: str, ablation: str = "none", curvature: str = "diag") -> str:
+def row_label(name: str, ablation: str = "none", curvature: str = "diag") -> str:
     """The row label: the method's, its ablation's, with a non-diagonal curvature named."""
     method = get_method(name)
     label = (method.label or name) if ablation == "none" else method.ablation_labels[ablation]
@@ -73,7 +74,7 @@ def composition_table(runs: Iterable[RunRecord]) -> Table:
         for ablation in ("none", *method.ablation_labels):
             for curvature in sorted({k[3] for k in groups if k[0] == name and k[2] == ablation},
                                     key=lambda c: (c != "diag", c)):  # fmt: skip
-                row: dict = {"method": _label(name, ablation, curvature)}
+                row: dict = {"method": row_label(name, ablation, curvature)}
                 for style in styles:
                     rs = groups.get((name, style, ablation, curvature))
                     row[style] = Stat.of(r.final_accuracy for r in rs) if rs else None
@@ -165,7 +166,7 @@ def fa_by_tasks_table(runs: Iterable[RunRecord]) -> Table:
                                     key=lambda c: (c != "diag", c)):  # fmt: skip
                 rs = [r for r in groups[(name, style, "none", curvature)] if len(r.fa_by_tasks) == n]
                 if n > 1 and rs:  # runs of all N tasks only (joint training has one row)
-                    rows.append({"method": _label(name, "none", curvature), "style": style,
+                    rows.append({"method": row_label(name, "none", curvature), "style": style,
                                  **{c: Stat.of(r.fa_by_tasks[t] for r in rs) for t, c in enumerate(columns)}})
     return Table("FA (%) after T tasks", ["method", "style", *columns], rows,
                  note="Row T of each run's accuracy matrix (the composition of its first T modules); "

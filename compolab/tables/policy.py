@@ -23,7 +23,7 @@ from compolab.methods.ita_iel import IEL, ITA
 from compolab.methods.tangent import TMC
 
 __all__ = ["TABLE_METHODS", "CLAIM_METHODS", "SAME_RUN", "SEEDED_ROWS", "MERGED_POOLS", "CURVATURE_ROWS",
-           "SEEDED_CURVATURE_ROWS", "CURVATURE_LABELS"]
+           "SEEDED_CURVATURE_ROWS", "CURVATURE_LABELS", "CURVATURE_POOLS"]
 
 #: Rows of the kit's tables (:mod:`compolab.tables`, ``compolab reproduce``), in order: the paper's
 #: methods, TMC, naive task arithmetic, then the references (sequential fine-tuning, joint).
@@ -44,6 +44,12 @@ SEEDED_ROWS: tuple[tuple[str, str], ...] = ((Naive.name, "lora"), (ITA.name, "fu
 #: diagonal-vs-K-FAC claim is on a mean over seeds).
 CURVATURE_ROWS: tuple[tuple[str, str], ...] = tuple((m.name, s) for m in (ITA, IEL) for s in ("lora", "full"))
 SEEDED_CURVATURE_ROWS: tuple[tuple[str, str], ...] = CURVATURE_ROWS[:2]
+#: The pools whose composition gap is measured against Ω of each curvature (the curvature table,
+#: :mod:`compolab.tables.curvature`), ``(method, style, curvature)``, every seed: ITA with the paper's
+#: diagonal penalty, ITA with a K-FAC penalty and naive task arithmetic, all fully fine-tuned.
+CURVATURE_POOLS: tuple[tuple[str, str, str], ...] = (
+    (ITA.name, "full", "diag"), (ITA.name, "full", "kfac"), (Naive.name, "full", "diag"),
+)
 #: How a row names a curvature other than the paper's diagonal.
 CURVATURE_LABELS: dict[str, str] = {"kfac": "K-FAC curvature"}
 #: The pools every merge of :mod:`compolab.merging` is applied to (seed 0), ``(method, style)``:

@@ -17,14 +17,16 @@ from compolab.tables.build import (
     RunRecord,
     composition_table,
     fa_by_tasks_table,
+    row_label,
     specialization_table,
     unlearning_table,
 )
+from compolab.tables.curvature import curvature_table
 from compolab.tables.merging import merging_lens_table, merging_table
 from compolab.tables.policy import SAME_RUN
 from compolab.tables.table import write_table
 
-__all__ = ["read_records", "write_merge_tables", "write_run_tables"]
+__all__ = ["read_records", "write_curvature_tables", "write_merge_tables", "write_run_tables"]
 
 
 def read_records(
@@ -117,3 +119,32 @@ def write_merge_tables(
         table.note = "\n\n".join([table.note, made]).strip()
         paths += write_table(table, out_dir, stem)
     return paths
+
+
+def write_curvature_tables(
+    probes: Sequence[tuple[str, str]], out_dir: str | Path, *, made: str = ""
+) -> list[Path]:
+    """The curvature table (:mod:`compolab.tables.curvature`) of cached curvature probes, in ``out_dir``.
+
+    Args:
+        probes: ``(run folder, curvature JSON)`` pairs (``compolab reproduce``'s curvature jobs); a
+            pool's label is its run's row label and tuning style, e.g. ``ITA, K-FAC curvature full``,
+            and the seeds of one label are averaged.
+        out_dir: The tables' folder (created).
+        made: A last line of the note.
+
+    Returns:
+        The paths written (none when no probe result exists).
+    """
+    pools: dict[str, list] = {}
+    for run_dir, path in probes:
+        if not Path(path).exists():
+            continue
+        record = read_run(run_dir)
+        label = f"{row_label(record.method, record.ablation, record.curvature)} {record.style}"
+        pools.setdefault(label, []).append(read_json(path, what="curvature probe")["jensen"])
+    if not pools:
+        return []
+    table = curvature_table(pools)
+    table.note = "\n\n".join([table.note, made]).strip()
+    return write_table(table, out_dir, "curvature")
