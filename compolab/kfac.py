@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +269,9 @@ def kfac_at(
             an empty loader, missing labels for ``"empirical"`` or non-finite factors.
     """
     try:
-        from curvlinops import KFACLinearOperator  # only here: the class itself needs no curvlinops
+        with warnings.catch_warnings():  # linear_operator calls the deprecated torch.jit.script at import
+            warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=FutureWarning)
+            from curvlinops import KFACLinearOperator  # only here: the class itself needs no curvlinops
     except ImportError as e:
         raise CompolabError("K-FAC needs curvlinops-for-pytorch (`pip install curvlinops-for-pytorch`), "
                             f"which this environment lacks ({e})") from None
