@@ -22,8 +22,7 @@ cross-entropy over the loader's N samples (``reduction="mean"``), which stores
 
 .. math::
 
-    A = \frac{1}{N T} \sum_{n, t} a_{nt} a_{nt}^\top, \qquad
-    G = \frac{1}{N} \sum_{n, t} g_{nt} g_{nt}^\top
+    A = \frac{1}{N T} \sum_{n, t} a_{nt} a_{nt}^\top, \qquad G = \frac{1}{N} \sum_{n, t} g_{nt} g_{nt}^\top
 
 over the T tokens a layer sees (``kfac_approx="expand"``, Eschenhagen et al., 2023). With one token
 :math:`A \otimes G \approx \frac1N \sum_n F_n`, the per-sample mean :math:`\bar F`, so that
@@ -31,12 +30,10 @@ over the T tokens a layer sees (``kfac_approx="expand"``, Eschenhagen et al., 20
 <compolab.fisher_store.DiagonalFisher.quadratic>` (which uses ``mean()``); for one sample (or N equal
 ones) it is the exact Fisher. Over tokens, the kit's diagonal Fisher sums per-token gradients before
 squaring, K-FAC-expand does not: the two then differ by more than the Kronecker approximation.
-
 **Biases** are not covered: only the 2-D weights named (the backbone's tuned weights by default).
 
 **Several tasks.** A sum of Kronecker products is not a Kronecker product, so :class:`KFAC` has no
-``+``: keep one :class:`KFAC` per task and add their quadratics (:func:`kfac_penalty`,
-:func:`iel_kfac_penalty`).
+``+``: keep one per task and add their quadratics (:func:`kfac_penalty`, :func:`iel_kfac_penalty`).
 """
 
 from __future__ import annotations
@@ -163,29 +160,35 @@ class KFAC:
         moved = {k: (a.to(*args, **kwargs), g.to(*args, **kwargs)) for k, (a, g) in self.factors.items()}
         return KFAC(moved, self.num_samples, self.fisher_type, self.kfac_approx)
 
-    def save(self, path: str | Path) -> None:
-        """Write ``<name>::A`` and ``<name>::G`` as safetensors, the rest (and the names' order) in its
-        header, atomically."""
+    def tensors(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """``(<name>::A / <name>::G tensors, JSON-able rest)``: what :meth:`save` and pool stats write."""
         tensors = {f"{k}::{p}": f for k, (a, g) in self.factors.items() for p, f in (("A", a), ("G", g))}
         meta = {"format": _FORMAT, "num_samples": self.num_samples, "fisher_type": self.fisher_type,
                 "kfac_approx": self.kfac_approx, "names": list(self.factors)}  # fmt: skip
+        return tensors, meta
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, Tensor], meta: Mapping[str, Any], source: str | Path) -> KFAC:
+        """The inverse of :meth:`tensors`; ``source`` (a file) is named in the CompolabError of a bad one."""
+        if meta.get("format") != _FORMAT:
+            raise CompolabError(f"{source} is not a saved KFAC (format {meta.get('format')!r})")
+        names = meta.get("names", [])  # the saved order (safetensors sorts its keys)
+        if sorted(f"{n}::{p}" for n in names for p in "AG") != sorted(tensors):
+            raise CompolabError(f"{source} does not hold exactly an A and a G for each of its weights "
+                                f"{names}")  # fmt: skip
+        factors = {n: (tensors[f"{n}::A"], tensors[f"{n}::G"]) for n in names}
+        return cls(factors, int(meta["num_samples"]), meta["fisher_type"], meta["kfac_approx"])
+
+    def save(self, path: str | Path) -> None:
+        """Write :meth:`tensors` as safetensors, the metadata (JSON) in its header, atomically."""
+        tensors, meta = self.tensors()
         write_safetensors(path, tensors, metadata={"compolab": json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str | Path, *, device: str | torch.device = "cpu") -> KFAC:
-        """Read a file written by :meth:`save`.
-
-        Raises:
-            CompolabError: If the file is missing, damaged, or not a saved K-FAC.
-        """
+        """Read a file written by :meth:`save` (CompolabError: missing, damaged, or not a saved K-FAC)."""
         tensors, meta = read_safetensors(path, what="a K-FAC", device=device)
-        if meta.get("format") != _FORMAT:
-            raise CompolabError(f"{path} is not a saved KFAC (format {meta.get('format')!r})")
-        names = meta.get("names", [])  # the saved order (safetensors sorts its keys)
-        if sorted(f"{n}::{p}" for n in names for p in "AG") != sorted(tensors):
-            raise CompolabError(f"{path} does not hold exactly an A and a G for each of its weights {names}")
-        factors = {n: (tensors[f"{n}::A"], tensors[f"{n}::G"]) for n in names}
-        return cls(factors, int(meta["num_samples"]), meta["fisher_type"], meta["kfac_approx"])
+        return cls.from_tensors(tensors, meta, path)
 
 
 class _Batches:

@@ -4,9 +4,9 @@ A merge (:mod:`compolab.merging`) maps the pool's dense task vectors :math:`\tau
 (IA)³ modules are densified by :meth:`~compolab.tuning.TaskModule.delta`) to one :math:`\tau`;
 the merged model is :math:`\theta_0 + \tau` with every task's head (class-incremental, one argmax
 over all classes). Each merge's hyper-parameters — the scale :math:`\lambda`, TIES' density,
-DARE's drop rate, RegMean's :math:`\alpha` — are chosen from :data:`GRIDS` by the final average
-accuracy on the **validation** split, as each paper prescribes; the test split is measured once,
-at the choice.
+DARE's drop rate, RegMean's :math:`\alpha`, K-FAC merging's damping — are chosen from :data:`GRIDS`
+by the final average accuracy on the **validation** split, as each paper prescribes; the test
+split is measured once, at the choice.
 
 The merged model is written as a pool like any other (``compolab compose``, the probes and the
 explorer open it): one full-fine-tuning module per task, each holding the same :math:`\tau`, with
@@ -36,7 +36,7 @@ from compolab.heads import IncrementalHead
 from compolab.io import write_json
 from compolab.merging import MERGES
 from compolab.pool import Pool, PoolEntry
-from compolab.pool_stats import load_pool_statistics
+from compolab.pool_stats import DEFAULT_KINDS, load_pool_kfacs, load_pool_statistics
 from compolab.probes.engine import ProbeData, evaluate_points
 from compolab.probes.taylor import second_order
 from compolab.stem import cache_stem
@@ -45,8 +45,8 @@ from compolab.tuning import FullModule
 from compolab.workspace import OpenedPool, open_pool, require_weights
 
 __all__ = [
-    "GRIDS", "STATISTICS", "MergeContext", "check_merge", "merge_lens", "merge_pool", "merged_tau",
-    "own_predictions", "pool_taus", "task_predictions",
+    "DEFAULT_MERGES", "GRIDS", "STATISTICS", "MergeContext", "check_merge", "merge_lens", "merge_pool",
+    "merged_tau", "own_predictions", "pool_statistics", "pool_taus", "task_predictions",
 ]  # fmt: skip
 
 _SCALES = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
@@ -60,12 +60,18 @@ GRIDS: dict[str, list[dict]] = {
     ],
     "fisher": [{}],
     "regmean": [{"alpha": a} for a in (0.5, 0.9, 1.0)],
+    "kfac": [{"damping": d} for d in (1e-2, 1e-1, 1.0)],
     "tsv": [{"scale": s} for s in (0.5, 0.8, 1.0, 1.3)],
     "iso-c": [{"scale": s} for s in (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)],
     "magmax": [{"scale": s} for s in (0.3, 0.5, 0.7, 1.0)],
 }
 #: The pool statistic behind each merge keyword (:mod:`compolab.pool_stats`).
-STATISTICS: dict[str, str] = {"fishers": "fisher", "grams": "grams"}
+STATISTICS: dict[str, str] = {"fishers": "fisher", "grams": "grams", "kfacs": "kfac"}
+#: The merges whose statistics ``compolab stats`` makes by default (``pool_stats.DEFAULT_KINDS``): those
+#: ``compolab reproduce`` and notebook 08 run (K-FAC merging is opt-in, as its statistics are).
+DEFAULT_MERGES: tuple[str, ...] = tuple(
+    n for n, m in MERGES.items() if all(STATISTICS[k] in DEFAULT_KINDS for k in m.needs)
+)
 
 
 def check_merge(pool: Pool, method: str, out: str | Path | None = None) -> None:
@@ -81,7 +87,13 @@ def check_merge(pool: Pool, method: str, out: str | Path | None = None) -> None:
     if out is not None and Path(out).exists() and any(Path(out).iterdir()):
         raise ConfigError(f"--out {out} already holds files; choose a new folder")
     for keyword in sorted(MERGES[method].needs):
-        load_pool_statistics(pool, STATISTICS[keyword], pool.tasks())  # missing or stale: raises
+        pool_statistics(pool, keyword, pool.tasks())  # missing or stale: raises
+
+
+def pool_statistics(pool: Pool, keyword: str, tasks: Sequence[int]) -> list:
+    """The per-task statistics of a merge keyword (:data:`STATISTICS`): KFACs for ``kfacs``, else tensors."""
+    kind = STATISTICS[keyword]
+    return load_pool_kfacs(pool, tasks) if kind == "kfac" else load_pool_statistics(pool, kind, tasks)
 
 
 def pool_taus(opened: OpenedPool) -> list[dict[str, Tensor]]:
@@ -183,15 +195,15 @@ def merge_pool(
             f"{pool.root}: the benchmark has no validation split to choose the {method} "
             "hyper-parameters on; give one set (grid=[{...}])"
         )
-    statistics = {k: load_pool_statistics(pool, STATISTICS[k], ids) for k in MERGES[method].needs}
-    scores = []
-    for hparams in tqdm(grid, desc=f"merge {method}", disable=not progress):
-        tau = merged_tau(method, taus, statistics, hparams)
-        val = _accuracy(opened, bench, head, tau, "val") if len(grid) > 1 else None
+    statistics = {k: pool_statistics(pool, k, ids) for k in MERGES[method].needs}
+    scores, best, tau = [], 0, {}
+    for i, hparams in enumerate(tqdm(grid, desc=f"merge {method}", disable=not progress)):
+        candidate = merged_tau(method, taus, statistics, hparams)
+        val = _accuracy(opened, bench, head, candidate, "val") if len(grid) > 1 else None
         scores.append({"hparams": dict(hparams), "val_accuracy": None if val is None else round(val, 2)})
-    best = max(range(len(grid)), key=lambda i: (scores[i]["val_accuracy"] or 0.0, -i))
+        if i == 0 or (scores[i]["val_accuracy"] or 0.0) > (scores[best]["val_accuracy"] or 0.0):
+            best, tau = i, candidate  # the first of equal scores; kept, not merged again
     chosen = dict(grid[best])
-    tau = merged_tau(method, taus, statistics, chosen)
     summary = {
         "merge": method,
         "pool": str(pool.root),

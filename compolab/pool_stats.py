@@ -1,9 +1,10 @@
-"""Per-task statistics of a pool for the merges that need them: diagonal Fishers and input Grams.
+"""Per-task statistics of a pool for the merges that need them: diagonal Fishers, input Grams, K-FAC.
 
 One file per kind and task, next to the pool, never pickled::
 
     <pool>/stats/fisher_task_000.safetensors   mean diagonal Fisher of task 0 at θ0 + τ_0
     <pool>/stats/grams_task_000.safetensors    Gram matrices of the tuned linear layers' inputs
+    <pool>/stats/kfac_task_000.safetensors     K-FAC factors (A, G) of task 0 at θ0 + τ_0
 
 Tensors are keyed by weight name; the header's ``compolab`` metadata (JSON) holds the kind, the
 task, the count, the pool's θ0 fingerprint and the sha256 of the module card the statistics were
@@ -16,7 +17,18 @@ computed from, so that a file outlived by a retrained module is refused as stale
   :math:`G_t = \\sum_x x x^\\top` (in×in) over the layer's inputs (every token of every training
   image) under θ0 + τ_t; accumulated in float64, stored in float32 (``count`` = rows summed).
 
-Both run under the opened pool's runtime (device and autocast), as ITA's Fisher does.
+* ``kfac`` (K-FAC merging, :mod:`compolab.merging.kfac_merging`): per tuned weight the Kronecker
+  factors :math:`\\bar F \\approx A \\otimes G` of :func:`compolab.kfac.kfac_at` (tensors
+  ``<name>::A`` / ``<name>::G`` as :meth:`KFAC.tensors <compolab.kfac.KFAC.tensors>` writes them) on the
+  **same images, point and head** as ``fisher``, and its kind: ``"exact"`` is curvlinops' ``"type-2"``
+  (the true Fisher over the head's softmax, one backward per class), ``count`` = images. Read back as
+  :class:`~compolab.kfac.KFAC` objects by :func:`load_pool_kfacs`. Opt-in (not in
+  :data:`DEFAULT_KINDS`): it needs curvlinops, and its factors take :math:`\\text{in}^2 + \\text{out}^2`
+  numbers per weight (about 1.3 GB per task for ViT-B/16's 48 weights). They are the shareable
+  curvature: a K-FAC merge (and a later ITA-KFAC task) reads them, not the tasks' data.
+
+``fisher`` and ``grams`` run under the opened pool's runtime (device and autocast), as ITA's Fisher
+does; ``kfac`` on its device in float32, as ITA's K-FAC does.
 """
 
 from __future__ import annotations
@@ -37,15 +49,18 @@ from compolab.errors import CompolabError, ConfigError
 from compolab.fisher import KINDS as FISHER_KINDS
 from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead
-from compolab.io import read_json, write_safetensors
+from compolab.io import read_json, read_safetensors, write_safetensors
+from compolab.kfac import KFAC, kfac_at
 from compolab.pool import Pool
 from compolab.workspace import OpenedPool, require_weights
 
-__all__ = ["STAT_KINDS", "STATS_FOLDER", "stats_path", "save_pool_statistics", "load_pool_statistics",
-           "has_pool_statistics", "task_grams"]  # fmt: skip
+__all__ = ["STAT_KINDS", "DEFAULT_KINDS", "STATS_FOLDER", "stats_path", "save_pool_statistics",
+           "load_pool_statistics", "load_pool_kfacs", "has_pool_statistics", "task_grams"]  # fmt: skip
 
 #: The statistics a pool can keep.
-STAT_KINDS = ("fisher", "grams")
+STAT_KINDS = ("fisher", "grams", "kfac")
+#: What ``compolab stats`` and ``train --save-stats`` make unless told (K-FAC is opt-in).
+DEFAULT_KINDS = ("fisher", "grams")
 #: The pool's sub-folder that holds them.
 STATS_FOLDER = "stats"
 _FORMAT = "compolab.PoolStatistics/1"
@@ -153,9 +168,30 @@ def _subset(loader, images: int | None, seed: int, batch_size: int):
     return make_loader(torch.utils.data.Subset(data, pick), batch_size)
 
 
+def _statistic(opened: OpenedPool, kind: str, t: int, loader, sample, fisher_kind: str) -> tuple:
+    """``(tensors, count, images, extra metadata)`` of ``kind`` for task ``t`` (``sample``: the Fisher's)."""
+    params, head = _task_point(opened, t)
+    if kind == "kfac":  # float32, outside autocast, as ITA's K-FAC
+        two_d = [n for n, p in params.items() if p.ndim == 2]
+        kfac = kfac_at(opened.backbone, head, sample, names=two_d, fisher_type=fisher_kind, params=params,
+                       seed=t)  # fmt: skip
+        tensors, meta = kfac.tensors()
+        return tensors, kfac.num_samples, kfac.num_samples, {"fisher_kind": fisher_kind, "kfac": meta}
+    with opened.runtime.autocast_context():
+        if kind == "fisher":
+            gen = torch.Generator().manual_seed(t)  # "mc" labels, reproducibly
+            fisher = diagonal_fisher(opened.backbone, head, sample, names=list(params), kind=fisher_kind,
+                                     params=params, generator=gen)  # fmt: skip
+            extra = {"fisher_kind": fisher_kind, "reduction": "mean over images"}
+            return fisher.mean(), fisher.num_samples, fisher.num_samples, extra
+        two_d = [n for n, p in params.items() if p.ndim == 2]
+        values, count, images = task_grams(opened.backbone, params, loader, two_d)
+        return values, count, images, {"reduction": "sum over rows (tokens of every image)"}
+
+
 def save_pool_statistics(
     opened: OpenedPool,
-    kinds: Sequence[str] = STAT_KINDS,
+    kinds: Sequence[str] = DEFAULT_KINDS,
     *,
     tasks: Sequence[int] | None = None,
     batch_size: int = 64,
@@ -170,13 +206,14 @@ def save_pool_statistics(
 
     Args:
         opened: From :func:`compolab.workspace.open_pool` (with the benchmark and the tasks' modules).
-        kinds: Among :data:`STAT_KINDS`.
+        kinds: Among :data:`STAT_KINDS` (default :data:`DEFAULT_KINDS`).
         tasks: Tasks to compute (default: every loaded module).
         batch_size: Images per forward (memory only: the sums are exact).
         fisher_kind: ``"exact"`` (the true Fisher, over the head's softmax), ``"mc"`` or ``"empirical"``
-            (at the true labels); see :func:`~compolab.fisher.diagonal_fisher`.
-        fisher_images: The Fisher on this many training images of each task (seeded by the task id;
-            default all). The exact Fisher costs one backward per class: the slow statistic.
+            (at the true labels); see :func:`~compolab.fisher.diagonal_fisher`. The K-FAC's too
+            (:data:`~compolab.kfac.KIND_TO_FISHER_TYPE`: ``"exact"`` is ``"type-2"``).
+        fisher_images: The Fisher and the K-FAC on this many training images of each task (the same
+            ones, seeded by the task id; default all). The exact Fisher costs one backward per class.
         progress: Show a progress bar.
 
     Returns:
@@ -188,7 +225,7 @@ def save_pool_statistics(
             linearised model).
     """
     kinds = _check_kinds(kinds, "kinds")
-    if fisher_kind not in FISHER_KINDS:
+    if fisher_kind not in FISHER_KINDS:  # the K-FAC takes the same kinds (KIND_TO_FISHER_TYPE)
         known = ", ".join(FISHER_KINDS)
         raise ConfigError(f"`fisher_kind` {fisher_kind!r} is unknown; choose one of {known}")
     if batch_size <= 0:
@@ -209,23 +246,12 @@ def save_pool_statistics(
     written = []
     with tqdm(total=len(ids) * len(kinds), desc="pool statistics", disable=not progress) as bar:
         for t in ids:
-            params, head = _task_point(opened, t)
             loader = make_loader(opened.bench.tasks[t].train, batch_size)
+            sample = _subset(loader, fisher_images, t, batch_size)  # the Fisher's and the K-FAC's images
             card = opened.entries[t].card
             for kind in kinds:
                 bar.set_postfix(task=t, kind=kind)
-                with opened.runtime.autocast_context():
-                    if kind == "fisher":
-                        gen = torch.Generator().manual_seed(t)  # "mc" labels, reproducibly
-                        sample = _subset(loader, fisher_images, t, batch_size)
-                        fisher = diagonal_fisher(opened.backbone, head, sample, names=list(params),
-                                                 kind=fisher_kind, params=params, generator=gen)  # fmt: skip
-                        values, count, images = fisher.mean(), fisher.num_samples, fisher.num_samples
-                        extra = {"fisher_kind": fisher_kind, "reduction": "mean over images"}
-                    else:
-                        two_d = [n for n, p in params.items() if p.ndim == 2]
-                        values, count, images = task_grams(opened.backbone, params, loader, two_d)
-                        extra = {"reduction": "sum over rows (tokens of every image)"}
+                values, count, images, extra = _statistic(opened, kind, t, loader, sample, fisher_kind)
                 meta = {"format": _FORMAT, "kind": kind, "task": t, "count": count, "num_images": images,
                         "theta0_sha256": pool.manifest["theta0_sha256"], "module_sha256": card["sha256"],
                         "style": card.get("style"), "precision": opened.runtime.precision,
@@ -244,8 +270,9 @@ def _open_pool(pool: Pool | str | Path) -> Pool:
     return pool if isinstance(pool, Pool) else Pool.open(pool)
 
 
-def _checked(pool: Pool, kind: str, task: int, available: Sequence[int]) -> Path:
-    """The file of ``kind`` for ``task``, after checking it exists and fits the pool's current module."""
+def _checked(pool: Pool, kind: str, task: int, available: Sequence[int]) -> tuple[Path, dict]:
+    """The file of ``kind`` for ``task`` and its metadata, after checking it exists and fits the pool's
+    current module."""
     if task not in available:
         raise ConfigError(f"`tasks`: task {task} is not in the pool {pool.root}; it has tasks "
                           f"{list(available)}")  # fmt: skip
@@ -267,13 +294,14 @@ def _checked(pool: Pool, kind: str, task: int, available: Sequence[int]) -> Path
             meta.get("theta0_sha256") != pool.manifest.get("theta0_sha256"):  # fmt: skip
         raise CompolabError(f"{path} is stale: task {task}'s module changed since it was computed (its card "
                             f"sha256 differs); {_remake(pool, kind)}")  # fmt: skip
-    return path
+    return path, meta
 
 
 def load_pool_statistics(pool: Pool | str | Path, kind: str, tasks: Sequence[int]) -> list[dict[str, Tensor]]:
     """The saved statistics of ``tasks``, in that order (float32 tensors on the CPU, by weight name).
 
-    ``fisher``: the mean diagonal Fisher at θ0 + τ_t; ``grams``: :math:`\\sum_x x x^\\top` per 2-D weight.
+    ``fisher``: the mean diagonal Fisher at θ0 + τ_t; ``grams``: :math:`\\sum_x x x^\\top` per 2-D weight;
+    ``kfac``: the flat ``<name>::A`` / ``<name>::G`` factors (:func:`load_pool_kfacs` makes KFACs of them).
 
     Raises:
         ConfigError: An unknown kind or a task not in the pool.
@@ -285,9 +313,26 @@ def load_pool_statistics(pool: Pool | str | Path, kind: str, tasks: Sequence[int
     available = pool.tasks()
     out = []
     for t in tasks:
-        path = _checked(pool, kind, t, available)
+        path, _ = _checked(pool, kind, t, available)
         with safe_open(str(path), framework="pt") as f:
             out.append({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118 - safe_open has no __iter__
+    return out
+
+
+def load_pool_kfacs(pool: Pool | str | Path, tasks: Sequence[int]) -> list[KFAC]:
+    """The saved ``kfac`` statistics of ``tasks`` as :class:`~compolab.kfac.KFAC` objects (CPU), in order.
+
+    Raises:
+        ConfigError: A task not in the pool.
+        CompolabError: As :func:`load_pool_statistics`, or a file that does not hold a K-FAC.
+    """
+    pool = _open_pool(pool)
+    available = pool.tasks()
+    out = []
+    for t in tasks:
+        path, meta = _checked(pool, "kfac", t, available)
+        tensors, _ = read_safetensors(path, what="K-FAC statistics")
+        out.append(KFAC.from_tensors(tensors, meta.get("kfac", {}), path))
     return out
 
 

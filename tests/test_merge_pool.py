@@ -20,8 +20,10 @@ from compolab.finetune import FinetuneConfig
 from compolab.io import read_json, write_json
 from compolab.merge_pool import GRIDS, merge_pool, pool_taus
 from compolab.merging import MERGES
+from compolab.merging.kfac_merging import kfac_merging
 from compolab.models import load_backbone
 from compolab.pool import Pool, PoolEntry
+from compolab.pool_stats import has_pool_statistics, load_pool_kfacs
 from compolab.probes.engine import ProbeData
 from compolab.run import RunConfig, run
 from compolab.tables import read_table
@@ -207,6 +209,56 @@ def test_train_save_stats_makes_a_pool_fisher_merging_and_regmean_accept(tmp_pat
     bad = ["train", "--method", "tmc", "--out", str(tmp_path / "tmc"), "--save-stats", "--no-progress"]
     assert main(bad) == 2 and "--save-stats" in capsys.readouterr().err
     assert not (tmp_path / "tmc").exists()
+
+
+def test_kfac_merge_end_to_end_from_compolab_stats(pool_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(GRIDS, "kfac", [{"damping": 10.0}, {"damping": 1.0}])  # the cheaper solves (CG)
+    pool = tmp_path / "pool"
+    shutil.copytree(pool_dir, pool)
+    assert _cli("--pool", str(pool), "--method", "kfac") == 2  # no factors yet: the command that makes them
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"`compolab stats --pool {pool} --kind kfac`" in err[0]
+    assert main(["stats", "--pool", str(pool), "--kind", "kfac", "--json", "--no-progress"]) == 0
+    files = json.loads(capsys.readouterr().out)["files"]
+    assert [Path(f).name for f in files] == [f"kfac_task_00{t}.safetensors" for t in range(3)]
+    assert not has_pool_statistics(pool, "fisher", [0])  # only the kind asked for
+    out = tmp_path / "merged"
+    assert _cli("--pool", str(pool), "--method", "kfac", "--eval", "--out", str(out), "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    vals = [g["val_accuracy"] for g in result["grid"]]
+    assert [g["hparams"] for g in result["grid"]] == GRIDS["kfac"] and all(v is not None for v in vals)
+    assert result["chosen"] == GRIDS["kfac"][max(range(len(vals)), key=lambda i: (vals[i], -i))]
+    # the merged pool holds the K-FAC merge of the pool's τ's with its saved factors, at the choice
+    opened = open_pool(pool)
+    some = ["blocks.0.attn.qkv.weight", "blocks.5.mlp.fc2.weight"]  # weight by weight: two of them
+    taus = [{k: tau[k] for k in some} for tau in pool_taus(opened)]
+    expected = kfac_merging(taus, kfacs=load_pool_kfacs(pool, opened.tasks), **result["chosen"])
+    merged = open_pool(out)
+    held = merged.entries[2].module.delta(merged.theta0)
+    assert sorted(held) == sorted(opened.entries[0].module.names)
+    for name, value in expected.items():
+        torch.testing.assert_close(held[name], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
+    again = compose_and_evaluate(merged, plan_composition(merged.tasks))
+    assert again["average_accuracy"] == pytest.approx(result["test_accuracy"], abs=0.01)
+    lens = result["lens"]
+    assert lens["split"] == "test" and lens["measured_loss"] > 0 and 0 <= lens["disentanglement_error"] <= 1
+    assert abs(lens["predicted_loss"] - lens["measured_loss"]) < 0.5 * lens["measured_loss"]
+
+
+def test_train_save_stats_takes_the_kinds_it_saves(tmp_path, capsys):
+    bad = tmp_path / "bad"
+    argv = ["train", "--method", "naive", "--tasks", "1", "--epochs", "1", "--no-progress", "--out"]
+    assert main([*argv, str(bad), "--save-stats", "fisher,hessian"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--save-stats 'fisher,hessian': choose from fisher, grams, kfac" in err[0]
+    assert not bad.exists()
+    out = tmp_path / "run"
+    assert main([*argv, str(out), "--save-stats", "kfac", "--json"]) == 0
+    stats = json.loads(capsys.readouterr().out)["stats"]
+    assert [Path(p).name for p in stats] == ["kfac_task_000.safetensors"]
+    (kfac,) = load_pool_kfacs(out / "pool", [0])
+    assert kfac.num_samples == 100 and kfac.fisher_type == "type-2"  # the Fisher's 100 images, exact kind
+    assert not has_pool_statistics(out / "pool", "fisher", [0])
 
 
 def test_a_merged_pool_opens_in_the_probes_and_the_explorer(pool_dir, tmp_path):

@@ -8,11 +8,13 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from compolab.errors import ConfigError
+from compolab.errors import CompolabError, ConfigError
+from compolab.kfac import KFAC
 from compolab.merging import MERGES, merge
 from compolab.merging.dare import dare, dare_ties
 from compolab.merging.fisher_merging import fisher_merging
 from compolab.merging.iso import iso_c
+from compolab.merging.kfac_merging import kfac_merging
 from compolab.merging.magmax import magmax
 from compolab.merging.regmean import regmean
 from compolab.merging.task_arithmetic import task_arithmetic
@@ -42,6 +44,19 @@ def random_grams(num: int, seed: int = 7) -> list[dict[str, torch.Tensor]]:
         xs = {k: torch.randn(20, SHAPES[k][1], generator=g, dtype=torch.float64) for k in MATRICES}
         grams.append({k: x.T @ x for k, x in xs.items()})  # G_t = X_t^T X_t
     return grams
+
+
+def random_spd(n: int, g: torch.Generator, rank: int | None = None) -> torch.Tensor:
+    x = torch.randn(n, rank or n + 3, generator=g, dtype=torch.float64)
+    return x @ x.T / x.shape[1]
+
+
+def random_kfacs(num: int, seed: int = 11, rank: int | None = None) -> list[KFAC]:
+    """One K-FAC per task over the 2-D keys: A (in, in) and G (out, out) random SPD (PSD with ``rank``)."""
+    g = torch.Generator().manual_seed(seed)
+    pairs = [{k: (random_spd(SHAPES[k][1], g, rank), random_spd(SHAPES[k][0], g, rank)) for k in MATRICES}
+             for _ in range(num)]  # fmt: skip
+    return [KFAC(p, num_samples=10) for p in pairs]
 
 
 def numpy(states: list[dict[str, torch.Tensor]]) -> list[dict[str, np.ndarray]]:
@@ -134,6 +149,83 @@ def test_fisher_merging_matches_the_fisher_weighted_average_of_the_weights():
         weights = [w * np.maximum(f[k], 1e-6) for w, f in zip(coefs, numpy(fishers), strict=True)]
         reference[k] = sum(f * th for f, th in zip(weights, thetas, strict=True)) / sum(weights) - theta0[k]
     assert_matches(fisher_merging(taus, fishers=fishers, coefs=coefs), reference)
+
+
+def kfac_reference(taus, kfacs, coefs, damping) -> dict[str, np.ndarray]:
+    """The dense minimiser of Σ_t w_t (x - x_t)ᵀ (A_t ⊗ G_t + δ I)(x - x_t), x = vec(W) column-major
+    (so that (A ⊗ G) vec(W) = vec(G W A)), δ = damping · tr(Σ_t w_t A_t ⊗ G_t) / n, w summing to 1."""
+    w = np.asarray(coefs, dtype=np.float64) / sum(coefs)
+    out = {}
+    for k in MATRICES:
+        n = int(np.prod(SHAPES[k]))
+        kron = [np.kron(kf.factors[k][0].numpy(), kf.factors[k][1].numpy()) for kf in kfacs]
+        delta = damping * np.trace(sum(wt * m for wt, m in zip(w, kron, strict=True))) / n
+        curv = [m + delta * np.eye(n) for m in kron]
+        x = [tau[k].numpy().reshape(-1, order="F") for tau in taus]
+        lhs = sum(wt * c for wt, c in zip(w, curv, strict=True))
+        rhs = sum(wt * c @ xt for wt, c, xt in zip(w, curv, x, strict=True))
+        out[k] = np.linalg.solve(lhs, rhs).reshape(SHAPES[k], order="F")
+    return out
+
+
+# rank 2: PSD factors whose null space only the damping fills (at 1e-6 too ill-conditioned for 1e-9)
+@pytest.mark.parametrize(("rank", "damping"), [(None, 1e-6), (None, 1e-2), (None, 10.0), (2, 1e-2), (2, 10)])
+def test_kfac_merging_matches_the_dense_solve_of_the_kronecker_system(damping, rank):
+    taus = [{k: t[k] for k in MATRICES} for t in random_taus()]
+    kfacs, coefs = random_kfacs(3, rank=rank), [0.5, 1.0, 2.0]
+    merged = kfac_merging(taus, kfacs=kfacs, coefs=coefs, damping=damping, tol=1e-14, max_iter=1000)
+    reference = kfac_reference(taus, kfacs, coefs, damping)
+    assert list(merged) == MATRICES
+    for k in MATRICES:
+        assert merged[k].dtype == torch.float64
+        assert_close(merged[k], torch.from_numpy(reference[k]), **TOL)
+    # float32 in, float32 out, the same solution (computed in float64)
+    single = kfac_merging([{k: v.float() for k, v in t.items()} for t in taus], kfacs=kfacs, coefs=coefs,
+                          damping=damping, tol=1e-14, max_iter=1000)  # fmt: skip
+    for k in MATRICES:
+        assert single[k].dtype == torch.float32
+        assert_close(single[k].double(), torch.from_numpy(reference[k]), rtol=1e-5, atol=1e-5)
+
+
+def test_kfac_merging_with_diagonal_factors_is_fisher_merging_of_their_diagonal_plus_the_damping():
+    taus = [{k: t[k] for k in MATRICES} for t in random_taus()]
+    g = torch.Generator().manual_seed(4)
+    kfacs = [KFAC({k: (torch.diag(torch.rand(SHAPES[k][1], generator=g, dtype=torch.float64) + 0.1),
+                       torch.diag(torch.rand(SHAPES[k][0], generator=g, dtype=torch.float64) + 0.1))
+                   for k in MATRICES}, num_samples=1) for _ in range(3)]  # fmt: skip
+    coefs, damping = [1.0, 3.0, 0.5], 0.05
+    merged = kfac_merging(taus, kfacs=kfacs, coefs=coefs, damping=damping, tol=1e-14)
+    fishers = [{k: torch.outer(kf.factors[k][1].diagonal(), kf.factors[k][0].diagonal()) for k in MATRICES}
+               for kf in kfacs]  # fmt: skip
+    w = [c / sum(coefs) for c in coefs]
+    delta = {k: damping * float(sum(wt * f[k] for wt, f in zip(w, fishers, strict=True)).mean())
+             for k in MATRICES}  # δ = damping × the mean entry of Σ_t w_t F_t  # fmt: skip
+    expected = fisher_merging(taus, fishers=[{k: f[k] + delta[k] for k in MATRICES} for f in fishers],
+                              coefs=coefs)  # fmt: skip
+    for k in MATRICES:
+        assert_close(merged[k], expected[k], **TOL)
+    tiny = kfac_merging(taus, kfacs=kfacs, coefs=coefs, damping=1e-12, tol=1e-14)
+    plain = fisher_merging(taus, fishers=fishers, coefs=coefs)  # up to the damping
+    for k in MATRICES:
+        assert_close(tiny[k], plain[k], atol=1e-9, rtol=1e-9)
+        assert float((merged[k] - plain[k]).abs().max()) > 1e-4  # the damping does something
+
+
+def test_kfac_merging_of_one_task_is_its_vector_and_of_one_curvature_the_weighted_mean():
+    taus = [{k: t[k] for k in MATRICES} for t in random_taus()]
+    for damping in (1e-8, 1.0):
+        (alone,) = [kfac_merging(taus[:1], kfacs=random_kfacs(1, rank=2), damping=damping, tol=1e-14)]
+        for k in MATRICES:
+            assert_close(alone[k], taus[0][k], **TOL)
+    common = random_kfacs(1)[0]
+    merged = kfac_merging(taus, kfacs=[common] * 3, coefs=[1.0, 2.0, 1.0], damping=1e-3, tol=1e-14)
+    for k in MATRICES:
+        assert_close(merged[k], (taus[0][k] + 2 * taus[1][k] + taus[2][k]) / 4, **TOL)
+    zero = KFAC({k: (torch.zeros(SHAPES[k][1], SHAPES[k][1]), torch.zeros(SHAPES[k][0], SHAPES[k][0]))
+                 for k in MATRICES}, num_samples=1)  # fmt: skip
+    flat = kfac_merging(taus, kfacs=[zero] * 3)  # no curvature anywhere: the mean, as Fisher's floor
+    for k in MATRICES:
+        assert_close(flat[k], sum(t[k] for t in taus) / 3, **TOL)
 
 
 @pytest.mark.parametrize("alpha", [0.9, 1.0, 0.0])
@@ -273,25 +365,27 @@ def test_magmax_picks_the_largest_magnitude_and_the_later_task_on_a_tie():
 
 def needed(name: str, taus) -> dict:
     stats = {"fishers": [random_state(50 + t, positive=True) for t in range(len(taus))],
-             "grams": random_grams(len(taus))}  # fmt: skip
+             "grams": random_grams(len(taus)), "kfacs": random_kfacs(len(taus))}  # fmt: skip
     return {n: stats[n] for n in MERGES[name].needs}
 
 
 @pytest.mark.parametrize("name", list(MERGES))
 def test_every_merge_keeps_keys_shapes_dtype_and_leaves_its_inputs_alone(name):
-    taus = [{k: v.float() for k, v in t.items()} for t in random_taus()]
+    keys = MATRICES if name == "kfac" else list(SHAPES)  # K-FAC covers 2-D weights only
+    taus = [{k: t[k].float() for k in keys} for t in random_taus()]
     copies = [{k: v.clone() for k, v in t.items()} for t in taus]
     merged = merge(name, taus, **needed(name, taus))
-    assert list(merged) == list(SHAPES)
+    assert list(merged) == keys
     assert all(v.shape == SHAPES[k] and v.dtype == torch.float32 for k, v in merged.items())
-    assert all(torch.equal(t[k], c[k]) for t, c in zip(taus, copies, strict=True) for k in SHAPES)
+    assert all(torch.equal(t[k], c[k]) for t, c in zip(taus, copies, strict=True) for k in keys)
     assert all(torch.isfinite(v).all() for v in merged.values())
 
 
 def test_registry_names_and_needs():
-    assert list(MERGES) == ["task-arithmetic", "ties", "dare", "dare-ties", "fisher", "regmean", "tsv",
-                            "iso-c", "magmax"]  # fmt: skip
-    assert {n: m.needs for n, m in MERGES.items() if m.needs} == {"fisher": {"fishers"}, "regmean": {"grams"}}
+    assert list(MERGES) == ["task-arithmetic", "ties", "dare", "dare-ties", "fisher", "regmean", "kfac",
+                            "tsv", "iso-c", "magmax"]  # fmt: skip
+    assert {n: m.needs for n, m in MERGES.items() if m.needs} == {"fisher": {"fishers"}, "regmean": {"grams"},
+                                                                  "kfac": {"kfacs"}}  # fmt: skip
     taus = random_taus()
     assert_close(
         merge("ties", taus, density=0.5)["head.weight"], ties(taus, density=0.5)["head.weight"], **TOL
@@ -387,3 +481,43 @@ def test_gram_errors_name_the_key():
     zeros = [{k: torch.zeros_like(g) for k, g in random_grams(1)[0].items()}] * 2
     with pytest.raises(ConfigError, match="summed Grams of 'blocks.0.attn.qkv.weight' are singular"):
         regmean(taus, grams=zeros)
+
+
+def test_kfac_errors_name_the_task_and_the_key():
+    taus = [{k: t[k] for k in MATRICES} for t in random_taus(2)]
+    kfacs = random_kfacs(2)
+    with pytest.raises(ConfigError, match=r"task 0 has no factors for \['blocks.0.mlp.fc1.bias'\] \(K-FAC"):
+        kfac_merging(random_taus(2), kfacs=kfacs)  # a bias: no factors
+    fewer = KFAC({"head.weight": kfacs[1].factors["head.weight"]}, num_samples=1)
+    with pytest.raises(ConfigError, match=r"of task 1 has no factors for \['blocks.0.attn.qkv.weight'\]"):
+        kfac_merging(taus, kfacs=[kfacs[0], fewer])
+    swapped = KFAC({k: kfacs[1].factors[k][::-1] for k in MATRICES}, num_samples=1)  # (G, A): wrong sides
+    fit = r"factors of task 1 do not fit .*blocks.0.attn.qkv.weight \(12, 8\) vs \(G, A\) \(8, 12\)"
+    with pytest.raises(ConfigError, match=fit):
+        kfac_merging(taus, kfacs=[kfacs[0], swapped])
+    with pytest.raises(ConfigError, match="`kfacs` has 1 entries, expected one per task vector"):
+        kfac_merging(taus, kfacs=kfacs[:1])
+    with pytest.raises(ConfigError, match="`kfacs`: entry 1 is a dict, not a KFAC"):
+        kfac_merging(taus, kfacs=[kfacs[0], {k: (torch.eye(1), torch.eye(1)) for k in MATRICES}])
+    skew = {k: (a + torch.triu(torch.ones_like(a), 1), g) for k, (a, g) in kfacs[1].factors.items()}
+    bad = r"task 1 are not finite, symmetric .* \['blocks.0.attn.qkv.weight', 'head.weight'\]"
+    with pytest.raises(ConfigError, match=bad):
+        kfac_merging(taus, kfacs=[kfacs[0], KFAC(skew, num_samples=1)])
+    nan = {k: (a, g * float("nan")) for k, (a, g) in kfacs[1].factors.items()}
+    with pytest.raises(ConfigError, match="task 1 are not finite"):
+        kfac_merging(taus, kfacs=[kfacs[0], KFAC(nan, num_samples=1)])
+    for kwargs, message in [({"coefs": [1.0, 0.0]}, "`coefs` must be in"),
+                            ({"damping": 0.0}, "`damping` must be"), ({"tol": -1.0}, "`tol` must be"),
+                            ({"max_iter": 0}, "`max_iter` must be an integer"),
+                            ({"max_iter": 2.5}, "`max_iter` must be an integer")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            kfac_merging(taus, kfacs=kfacs, **kwargs)
+
+
+def test_kfac_merging_says_when_conjugate_gradients_stop_short():
+    taus = [{k: t[k] for k in MATRICES} for t in random_taus(3)]
+    with pytest.raises(CompolabError) as e:
+        kfac_merging(taus, kfacs=random_kfacs(3), damping=1e-6, tol=1e-15, max_iter=1)
+    message = str(e.value)
+    assert "\n" not in message and "'blocks.0.attn.qkv.weight' in 1 iterations" in message
+    assert "raise `max_iter` or `damping`" in message

@@ -1,5 +1,5 @@
-"""Per-task pool statistics (``compolab.pool_stats``): Grams and Fishers at θ0 + τ_t against independent
-float64 / brute-force references, the file round trip, and missing / stale / bad-kind refusals."""
+"""Per-task pool statistics (``compolab.pool_stats``): Grams, Fishers and K-FAC factors at θ0 + τ_t against
+independent float64 / brute-force references, the file round trip, and missing / stale / bad-kind refusals."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from compolab.data import TinyWorldConfig, make_loader, tiny_benchmark
 from compolab.errors import CompolabError, ConfigError
 from compolab.fisher import diagonal_fisher
 from compolab.heads import IncrementalHead, new_head
+from compolab.kfac import KFAC, kfac_at
 from compolab.methods import get_method
 from compolab.models import fingerprint, load_backbone, theta0_of, tuned_weight_names
 from compolab.pool import Pool, PoolEntry
 from compolab.pool_stats import (
+    DEFAULT_KINDS,
     STAT_KINDS,
     has_pool_statistics,
+    load_pool_kfacs,
     load_pool_statistics,
     save_pool_statistics,
     stats_path,
@@ -38,7 +41,7 @@ STYLES = ("lora", "full")  # task 0, task 1
 @pytest.fixture(scope="module")
 def pool_dir(tmp_path_factory):
     """A hand-made 2-task pool of the shipped θ0 (random LoRA / full modules, random heads), with its
-    statistics saved in batches of 3 (the 8 training images of a task: uneven batches)."""
+    statistics (every kind) saved in batches of 3 (the 8 training images of a task: uneven batches)."""
     backbone = load_backbone()[0]
     bench = tiny_benchmark(WORLD)
     names = tuned_weight_names(backbone)
@@ -56,7 +59,7 @@ def pool_dir(tmp_path_factory):
         with torch.no_grad():
             head.weight.mul_(50.0)  # confident enough that p is far from uniform
         pool.save(PoolEntry(t, module, head, {"classes": list(bench.tasks[t].classes)}))
-    save_pool_statistics(open_pool(root), batch_size=3)
+    save_pool_statistics(open_pool(root), STAT_KINDS, batch_size=3)
     return root
 
 
@@ -94,11 +97,13 @@ def test_files_and_their_metadata(pool_dir, opened):
         for t in (0, 1):
             with safe_open(str(stats_path(pool, kind, t)), framework="pt") as f:
                 meta = json.loads(f.metadata()["compolab"])
-                assert sorted(f.keys()) == sorted(opened.entries[t].module.names)
+                names = opened.entries[t].module.names
+                assert sorted(f.keys()) == sorted(f"{n}::{p}" if kind == "kfac" else n for n in names
+                                                  for p in ("AG" if kind == "kfac" else "-"))  # fmt: skip
             assert meta["kind"] == kind and meta["task"] == t and meta["num_images"] == 8
             assert meta["theta0_sha256"] == pool.manifest["theta0_sha256"]
             assert meta["module_sha256"] == opened.entries[t].card["sha256"]
-            assert meta["count"] == (8 if kind == "fisher" else 8 * 17)  # images; 16 patches + CLS per image
+            assert meta["count"] == (8 * 17 if kind == "grams" else 8)  # images; 16 patches + CLS per image
 
 
 @pytest.mark.parametrize("t", [0, 1])
@@ -199,20 +204,71 @@ def test_fisher_matches_per_sample_autograd(opened, tmp_path):
                                        msg=lambda m, k=kind, n=name: f"{k} {n}: {m}")  # fmt: skip
 
 
+@pytest.mark.parametrize("t", [0, 1])
+def test_kfac_is_the_type_2_kfac_of_the_finetuned_model_and_its_a_is_the_gram_over_the_rows(opened, t):
+    """The saved factors against ``kfac_at`` on the fine-tuned model built another way (all 8 images),
+    and A of K-FAC-expand (the mean of a aᵀ over every token of every image) against the saved Grams."""
+    model, tau = _finetuned(opened, t)
+    entry = opened.entries[t]
+    head = IncrementalHead([copy.deepcopy(entry.head)], tasks=[t], classes=[entry.classes])
+    loader = make_loader(opened.bench.tasks[t].train, 8)
+    expected = kfac_at(model, head, loader, list(tau), fisher_type="type-2")
+    (saved,) = load_pool_kfacs(opened.pool, [t])
+    assert isinstance(saved, KFAC) and list(saved.factors) == list(expected.factors)
+    assert (saved.num_samples, saved.fisher_type, saved.kfac_approx) == (8, "type-2", "expand")
+    (grams,) = load_pool_statistics(opened.pool, "grams", [t])
+    for name, (a, g) in expected.factors.items():
+        torch.testing.assert_close(saved.factors[name][0], a, rtol=1e-4, atol=1e-6 * a.abs().max())
+        torch.testing.assert_close(saved.factors[name][1], g, rtol=1e-4, atol=1e-5 * g.abs().max())
+        torch.testing.assert_close(saved.factors[name][0], grams[name] / (8 * 17), rtol=1e-4,
+                                   atol=1e-6 * a.abs().max())  # fmt: skip
+    at_theta0 = kfac_at(opened.backbone, head, loader, list(tau), fisher_type="type-2")
+    g_of = {n: (at_theta0.factors[n][1], saved.factors[n][1]) for n in saved.factors}
+    gap = max(float((g0 - g).abs().max() / g.abs().max()) for g0, g in g_of.values())
+    assert gap > 1e-2, "the K-FAC must be the fine-tuned model's, not θ0's"
+    flat = load_pool_statistics(opened.pool, "kfac", [t])[0]  # the file's own tensors
+    assert sorted(flat) == sorted(f"{n}::{p}" for n in tau for p in "AG")
+    assert sum(saved.memory_bytes().values()) == sum(v.numel() * 4 for v in flat.values())
+
+
+def test_kfac_and_fisher_take_the_same_subset_of_images(opened, tmp_path):
+    t = 1
+    copied = open_pool(_copy(opened.pool.root, tmp_path / "pool"), tasks=[t])
+    save_pool_statistics(copied, ["kfac", "fisher"], tasks=[t], fisher_images=5, batch_size=2)
+    data = opened.bench.tasks[t].train
+    pick = torch.randperm(len(data), generator=torch.Generator().manual_seed(t))[:5].tolist()  # seeded by t
+    model, tau = _finetuned(opened, t)
+    entry = opened.entries[t]
+    head = IncrementalHead([copy.deepcopy(entry.head)], tasks=[t], classes=[entry.classes])
+    loader = make_loader(torch.utils.data.Subset(data, pick), 5)
+    expected = kfac_at(model, head, loader, list(tau), fisher_type="type-2")
+    (saved,) = load_pool_kfacs(copied.pool, [t])
+    assert saved.num_samples == 5
+    for name, (_, g) in expected.factors.items():
+        torch.testing.assert_close(saved.factors[name][1], g, rtol=1e-4, atol=1e-5 * g.abs().max())
+    (fisher,) = load_pool_statistics(copied.pool, "fisher", [t])
+    reference = diagonal_fisher(model, head, loader, names=list(tau)).mean()
+    for name, value in reference.items():
+        torch.testing.assert_close(fisher[name], value, rtol=1e-4, atol=1e-6 * value.max())
+    for kind in ("kfac", "fisher"):
+        with safe_open(str(stats_path(copied.pool, kind, t)), framework="pt") as f:
+            assert json.loads(f.metadata()["compolab"])["num_images"] == 5
+
+
 # --------------------------------------------------------------------------- files
 
 
 def test_round_trip_and_an_atomic_overwrite(opened, tmp_path):
     copied = open_pool(_copy(opened.pool.root, tmp_path / "pool"))
-    first = save_pool_statistics(copied, tasks=[1, 0], batch_size=3)
-    assert first == [stats_path(copied.pool, k, t) for t in (1, 0) for k in STAT_KINDS]
+    first = save_pool_statistics(copied, tasks=[1, 0], batch_size=3)  # the default kinds: not K-FAC
+    assert first == [stats_path(copied.pool, k, t) for t in (1, 0) for k in DEFAULT_KINDS]
     assert {p.name: p.read_bytes() for p in first} == {
         p.name: (opened.pool.root / "stats" / p.name).read_bytes() for p in first
     }, "the same pool and batches: the same bytes"
     again = save_pool_statistics(copied, ["grams", "fisher", "grams"], tasks=[0, 1], batch_size=8)
     assert sorted(again) == sorted(first)  # overwritten in place, a repeated kind once
     assert sorted(p.name for p in (copied.pool.root / "stats").iterdir()) == sorted(p.name for p in first)
-    for kind in STAT_KINDS:
+    for kind in DEFAULT_KINDS:
         fresh = load_pool_statistics(copied.pool.root, kind, [1, 0])  # a path, and task order
         kept = load_pool_statistics(opened.pool, kind, [1, 0])
         for a, b in zip(fresh, kept, strict=True):
@@ -235,6 +291,32 @@ def test_a_missing_file_says_how_to_make_it(opened, tmp_path):
     assert f"`compolab stats --pool '{root}' --kind grams`" in message  # quoted: the folder has a space
     with pytest.raises(ConfigError, match="task 7 is not in the pool"):
         load_pool_statistics(root, "grams", [7])
+
+
+def test_kfac_files_missing_or_stale_are_refused_with_the_command(opened, tmp_path):
+    root = _copy(opened.pool.root, tmp_path / "my pool")
+    with pytest.raises(CompolabError) as e:
+        load_pool_kfacs(root, [0])
+    message = _one_line(e)
+    assert "kfac_task_000.safetensors not found: no kfac statistics of task 0" in message
+    assert f"`compolab stats --pool '{root}' --kind kfac`" in message
+    (root / "stats").mkdir()
+    shutil.copy(opened.pool.root / "stats" / "kfac_task_000.safetensors", root / "stats")
+    assert has_pool_statistics(root, "kfac", [0]) and not has_pool_statistics(root, "kfac", [0, 1])
+    (kfac,) = load_pool_kfacs(root, [0])
+    (kept,) = load_pool_kfacs(opened.pool, [0])
+    assert all(torch.equal(kfac.factors[n][i], kept.factors[n][i]) for n in kept.factors for i in (0, 1))
+    pool = Pool.open(root)
+    entry = pool.load(0, theta0_sha256=pool.manifest["theta0_sha256"])
+    entry.card = {k: v for k, v in entry.card.items() if k != "sha256"} | {"metrics": {"retrained": True}}
+    pool.save(entry)
+    with pytest.raises(CompolabError) as e:
+        load_pool_kfacs(root, [0])
+    assert "kfac_task_000.safetensors is stale" in _one_line(e) and "--kind kfac" in str(e.value)
+    shutil.copy(opened.pool.root / "stats" / "fisher_task_001.safetensors",
+                root / "stats" / "kfac_task_001.safetensors")  # fmt: skip
+    with pytest.raises(CompolabError, match="is not the kfac statistics file of task 1"):
+        load_pool_kfacs(root, [1])
 
 
 def test_a_stale_file_is_refused_until_remade(opened, tmp_path):
@@ -271,7 +353,7 @@ def test_a_damaged_file_is_one_line(opened, tmp_path):
     "kwargs, needle",
     [
         ({"kinds": ["fisher", "hessian"]}, "`kinds` ['hessian']: unknown statistics; known kinds: fisher, "
-                                           "grams"),
+                                           "grams, kfac"),
         ({"kinds": "fishers"}, "`kinds` ['fishers']"),
         ({"kinds": []}, "`kinds` is empty"),
         ({"fisher_kind": "diagonal"}, "`fisher_kind` 'diagonal' is unknown"),

@@ -469,15 +469,21 @@ def test_merges_jobs_follow_their_run_and_are_redone_when_the_grids_change(tmp_p
     out.mkdir(parents=True)
     write_json(out / "results.json", {"final_accuracy": 50.0})
     Path(merges.args["path"]).parent.mkdir(parents=True)
+    grids = {n: mp.GRIDS[n] for n in mp.DEFAULT_MERGES}  # the merges reproduce runs (not the opt-in K-FAC)
     write_json(merges.args["path"], {"results_sha256": file_sha256(out / "results.json"),
-                                     "grids": json.loads(json.dumps(mp.GRIDS)), "merges": []})  # fmt: skip
+                                     "grids": json.loads(json.dumps(grids)), "merges": []})  # fmt: skip
     assert next(j for j in plan(cfg) if j.kind == "merges").status == "cached"
+    monkeypatch.setitem(mp.GRIDS, "kfac", [{"damping": 0.5}])
+    assert next(j for j in plan(cfg) if j.kind == "merges").status == "cached"  # not a merge it runs
     monkeypatch.setitem(mp.GRIDS, "ties", [{"density": 0.5, "scale": 1.0}])
     assert next(j for j in plan(cfg) if j.kind == "merges").status == "new"  # another grid: merged again
 
 
 def test_reproduce_merges_a_pool_every_way_and_writes_the_merging_tables(tmp_path, bench, backbone):
+    from compolab.merge_pool import DEFAULT_MERGES
     from compolab.merging import MERGES
+
+    assert [n for n in MERGES if n not in DEFAULT_MERGES] == ["kfac"]  # its statistics are opt-in
 
     cfg = ReproduceConfig(methods=("naive",), styles=("lora",), seeds=1, workers=1, notebooks=None, epochs=1,
                           cache=str(tmp_path / "cache"), out=str(tmp_path / "figures"))  # fmt: skip
@@ -485,10 +491,11 @@ def test_reproduce_merges_a_pool_every_way_and_writes_the_merging_tables(tmp_pat
     assert summary["failed"] == {} and summary["done"] == 3 and summary["cpu_seconds"]["merges"] > 0
     merges = next(j for j in plan(cfg) if j.kind == "merges")
     results = json.loads(Path(merges.args["path"]).read_text())["merges"]
-    assert [r["merge"] for r in results] == ["task-arithmetic", *MERGES]  # the pool's composition first
+    assert [r["merge"] for r in results] == ["task-arithmetic", *DEFAULT_MERGES]  # the composition first
     assert results[0]["reference"] and results[0]["chosen"] == {}
     table = read_table(tmp_path / "figures" / "tables" / "merging.csv")
-    assert table.columns == ["merge", "naive task arithmetic lora"] and len(table.rows) == 1 + len(MERGES)
+    assert table.columns == ["merge", "naive task arithmetic lora"]
+    assert len(table.rows) == 1 + len(DEFAULT_MERGES)
     assert (tmp_path / "figures" / "tables" / "merging_lens.md").exists()
 
 

@@ -179,6 +179,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         curvature=args.curvature,
     )
     runtime = _runtime(args)
+    kinds = _stat_kinds(args.save_stats, "--save-stats") if args.save_stats is not None else None
     if args.save_stats and get_method(cfg.method).linearised:
         raise ConfigError("--save-stats: a TMC pool holds tangents, not weights; it has no merge statistics")
     if not current_world().is_main:  # another torchrun rank: rank 0 writes and reports
@@ -189,12 +190,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                   data_root=args.root)  # fmt: skip
     _finish_ranks()
     summary = {k: results[k] for k in ("final_accuracy", "accuracy_matrix", "task_seconds")}
-    if args.save_stats:  # what Fisher merging and RegMean read (compolab merge)
+    if args.save_stats:  # what Fisher merging, RegMean and K-FAC merging read (compolab merge)
         from compolab.pool_stats import save_pool_statistics
         from compolab.workspace import open_pool
 
         opened = open_pool(Path(args.out) / "pool", runtime=runtime)
-        saved = save_pool_statistics(opened, fisher_images=100, progress=args.progress)  # as `compolab stats`
+        saved = save_pool_statistics(opened, kinds, fisher_images=100, progress=args.progress)  # as `stats`
         summary["stats"] = [str(p) for p in saved]
     summary["out"] = str(args.out)
     summary["runtime"] = runtime.describe()
@@ -235,14 +236,22 @@ def cmd_merge(args: argparse.Namespace) -> None:
     _emit(result, args.json)
 
 
-def cmd_stats(args: argparse.Namespace) -> None:
-    from compolab.pool_stats import STAT_KINDS, save_pool_statistics
-    from compolab.workspace import open_pool
+def _stat_kinds(text: str, flag: str) -> list[str]:
+    """The statistics kinds of a comma-separated flag value, checked before any work."""
+    from compolab.pool_stats import STAT_KINDS
 
-    kinds = [k.strip() for k in args.kind.split(",") if k.strip()]
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
     bad = [k for k in kinds if k not in STAT_KINDS]
     if bad or not kinds:
-        raise ConfigError(f"--kind {args.kind!r}: choose from {', '.join(STAT_KINDS)} (comma-separated)")
+        raise ConfigError(f"{flag} {text!r}: choose from {', '.join(STAT_KINDS)} (comma-separated)")
+    return kinds
+
+
+def cmd_stats(args: argparse.Namespace) -> None:
+    from compolab.pool_stats import save_pool_statistics
+    from compolab.workspace import open_pool
+
+    kinds = _stat_kinds(args.kind, "--kind")
     paths = save_pool_statistics(open_pool(args.pool), kinds, fisher_images=args.fisher_images,
                                  progress=args.progress)  # fmt: skip
     _emit({"pool": args.pool, "kinds": kinds, "files": [str(p) for p in paths]}, args.json)

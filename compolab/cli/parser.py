@@ -133,8 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=_positive(int), default=None)
     p.add_argument("--rank", type=_positive(int), default=None, help="LoRA rank r")
     p.add_argument("--out", required=True, help="run folder (pool/, results.json, log.txt)")
-    p.add_argument("--save-stats", action="store_true",
-                   help="also save the per-task Fishers and Gram matrices merges need (pool/stats/)")
+    p.add_argument("--save-stats", nargs="?", const="fisher,grams", default=None, metavar="KINDS",
+                   help="also save the per-task statistics merges need (pool/stats/): fisher,grams "
+                        "without a value, or e.g. fisher,grams,kfac")  # fmt: skip
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",
                    help="train only the first N tasks of the benchmark")  # fmt: skip
@@ -162,16 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("merge", parents=[common], help="merge a pool's modules (TIES, DARE, RegMean, ...)")
     p.add_argument("--pool", required=True, help="pool folder (a run's pool/; not TMC)")
     p.add_argument("--method", required=True, help="task-arithmetic, ties, dare, dare-ties, fisher, regmean, "
-                   "tsv, iso-c or magmax")  # fmt: skip
+                   "kfac, tsv, iso-c or magmax")  # fmt: skip
     p.add_argument("--out", default=None, help="folder of the merged pool (new); default: write nothing")
     p.add_argument("--eval", action="store_true", help="test accuracy and second-order view of the choice")
     p.set_defaults(func=commands.cmd_merge)
 
     p = sub.add_parser("stats", parents=[common], help="per-task statistics of a pool that merges need")
     p.add_argument("--pool", required=True, help="pool folder (a run's pool/)")
-    p.add_argument("--kind", default="fisher,grams", help="fisher (Fisher merging), grams (RegMean) or both")
+    p.add_argument("--kind", default="fisher,grams",
+                   help="comma-separated: fisher (Fisher merging), grams (RegMean), kfac (K-FAC merging)")
     p.add_argument("--fisher-images", type=_positive(int), default=100,
-                   help="the Fisher on this many training images per task (default 100)")  # fmt: skip
+                   help="the Fisher and K-FAC on N training images per task (default 100)")  # fmt: skip
     p.set_defaults(func=commands.cmd_stats)
 
     p = sub.add_parser("probe", help="loss-landscape / basin probes of a pool (figures + JSON)")

@@ -1,6 +1,6 @@
 r"""Model merging: pure functions from task vectors :math:`\tau_t` to one merged :math:`\tau`.
 
-Every merge is ``merge_fn(taus, *, <hyper-parameters>, [fishers | grams]) -> dict[str, Tensor]``:
+Every merge is ``merge_fn(taus, *, <hyper-parameters>, [fishers | grams | kfacs]) -> dict[str, Tensor]``:
 ``taus`` is a sequence of ``Mapping[str, Tensor]`` (e.g. :class:`~compolab.task_vector.TaskVector`)
 with the same keys, shapes and dtypes; the result has those keys, shapes and dtypes; inputs are
 never modified, and the inputs are checked before any work. The merged model is
@@ -12,6 +12,8 @@ never modified, and the inputs are checked before any work. The merged model is
 * ``dare`` and ``dare-ties``: :func:`~compolab.merging.dare.dare`, :func:`~compolab.merging.dare.dare_ties`
 * ``fisher``: :func:`~compolab.merging.fisher_merging.fisher_merging` (needs ``fishers``)
 * ``regmean``: :func:`~compolab.merging.regmean.regmean` (needs ``grams``)
+* ``kfac``: :func:`~compolab.merging.kfac_merging.kfac_merging`, Fisher merging with per-task K-FAC
+  factors (needs ``kfacs``; no data of any task)
 * ``tsv``: :func:`~compolab.merging.tsv.tsv_m`
 * ``iso-c``: :func:`~compolab.merging.iso.iso_c`
 * ``magmax``: :func:`~compolab.merging.magmax.magmax`
@@ -26,7 +28,17 @@ from typing import Any
 from torch import Tensor
 
 from compolab.errors import ConfigError
-from compolab.merging import dare, fisher_merging, iso, magmax, regmean, task_arithmetic, ties, tsv
+from compolab.merging import (
+    dare,
+    fisher_merging,
+    iso,
+    kfac_merging,
+    magmax,
+    regmean,
+    task_arithmetic,
+    ties,
+    tsv,
+)
 from compolab.merging._common import Taus
 
 # The functions stay in their modules (``from compolab.merging.ties import ties``): re-exporting
@@ -42,7 +54,8 @@ class Merge:
         name: The registry name (``"ties"``, ...).
         function: The pure merge function.
         needs: The per-task statistics it takes besides ``taus``, by keyword: ``"fishers"``
-            (diagonal Fishers) or ``"grams"`` (input Gram matrices); empty for the merges that
+            (diagonal Fishers), ``"grams"`` (input Gram matrices) or ``"kfacs"`` (one
+            :class:`~compolab.kfac.KFAC` per task); empty for the merges that
             need only the task vectors. None of them needs :math:`\\theta_0`.
     """
 
@@ -64,6 +77,7 @@ MERGES: dict[str, Merge] = {
         Merge("dare-ties", dare.dare_ties),
         Merge("fisher", fisher_merging.fisher_merging, frozenset({"fishers"})),
         Merge("regmean", regmean.regmean, frozenset({"grams"})),
+        Merge("kfac", kfac_merging.kfac_merging, frozenset({"kfacs"})),
         Merge("tsv", tsv.tsv_m),
         Merge("iso-c", iso.iso_c),
         Merge("magmax", magmax.magmax),

@@ -15,7 +15,7 @@ from pathlib import Path
 from compolab.config import TINY_DATASETS, get_preset
 from compolab.errors import ConfigError
 from compolab.io import canonical_json, file_sha256, read_json
-from compolab.merge_pool import GRIDS
+from compolab.merge_pool import DEFAULT_MERGES, GRIDS
 from compolab.methods import get_method
 from compolab.reproduce.notebooks import notebook_key, notebook_record
 from compolab.run import RunConfig, run_config
@@ -254,7 +254,7 @@ def _run_jobs(cfg: ReproduceConfig, cache: Path) -> list[Job]:
         if cfg.merges and merged and rc.finetune.seed == 0:
             path = cache / "merges" / f"{name}.json"
             args = {"run_dir": str(out), "path": str(path)}
-            grids = json.loads(json.dumps(GRIDS))  # as the cache holds them
+            grids = json.loads(json.dumps({n: GRIDS[n] for n in DEFAULT_MERGES}))  # as the cache holds them
             done = _measured(status, path, out) and read_json(path).get("grids") == grids
             jobs.append(Job("merges", f"merges {name}", MERGES_SECONDS, args, after=(name,),
                             status="cached" if done else "new"))  # fmt: skip

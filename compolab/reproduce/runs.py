@@ -59,18 +59,19 @@ def job_merges(run_dir: str, path: str, fisher_images: int = MERGE_FISHER_IMAGES
                backbone=None) -> None:  # fmt: skip
     """Every merge of one run's pool (:func:`compolab.merge_pool.merge_pool`, the second-order view
     included) and the pool's own composition, cached as JSON (tagged like :func:`job_edits`)."""
-    from compolab.merge_pool import GRIDS, MergeContext, merge_pool
-    from compolab.merging import MERGES
-    from compolab.pool_stats import STAT_KINDS, has_pool_statistics, save_pool_statistics
+    from compolab.merge_pool import DEFAULT_MERGES, GRIDS, MergeContext, merge_pool
+    from compolab.pool_stats import DEFAULT_KINDS, has_pool_statistics, save_pool_statistics
 
     pool = Path(run_dir) / "pool"
     ctx = MergeContext.of(pool, bench=benchmark, backbone=backbone)
-    kinds = [k for k in STAT_KINDS if not has_pool_statistics(pool, k, ctx.opened.tasks)]
+    kinds = [k for k in DEFAULT_KINDS if not has_pool_statistics(pool, k, ctx.opened.tasks)]
     if kinds:
         save_pool_statistics(ctx.opened, kinds, fisher_images=fisher_images)
     reference = merge_pool(pool, "task-arithmetic", grid=[{}], context=ctx)  # w_t = 1/T: the composition
-    results = [{**reference, "reference": True}] + [merge_pool(pool, name, context=ctx) for name in MERGES]
-    out = {"results_sha256": file_sha256(Path(run_dir) / "results.json"), "grids": GRIDS, "merges": results}
+    results = [{**reference, "reference": True}]
+    results += [merge_pool(pool, name, context=ctx) for name in DEFAULT_MERGES]  # not the opt-in K-FAC
+    grids = {name: GRIDS[name] for name in DEFAULT_MERGES}
+    out = {"results_sha256": file_sha256(Path(run_dir) / "results.json"), "grids": grids, "merges": results}
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     write_json(path, out)
 
