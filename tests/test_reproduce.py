@@ -517,7 +517,7 @@ def test_curvature_job_and_table_of_a_small_pool(tmp_path, bench, backbone):
     gap = JensenGap.from_json(record["jensen"])
     assert set(gap.omegas()) == {"fisher", "kfac", "diagonal"} and gap.sizes == [1, 2, 3]
     written = write_curvature_tables([(str(tmp_path / "run"), str(path))], tmp_path / "tables")
-    assert [p.name for p in written] == ["curvature.md", "curvature.csv"]
+    assert isinstance(written, list) and [p.name for p in written] == ["curvature.md", "curvature.csv"]
     table = read_table(tmp_path / "tables" / "curvature.csv")
     pool = "naive task arithmetic lora"
     kfac = table.select(pool=pool, quantity="Ω / measured", curvature="K-FAC")

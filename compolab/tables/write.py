@@ -147,4 +147,4 @@ def write_curvature_tables(
         return []
     table = curvature_table(pools)
     table.note = "\n\n".join([table.note, made]).strip()
-    return write_table(table, out_dir, "curvature")
+    return list(write_table(table, out_dir, "curvature"))
