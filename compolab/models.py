@@ -41,6 +41,7 @@ __all__ = [
     "shipped_checkpoint",
     "fingerprint",
     "tuned_weight_names",
+    "is_pointwise",
     "theta0_of",
     "math_attention",
 ]
@@ -129,17 +130,22 @@ class ConvStemEmbed(PatchEmbed):
         return x if x.dim() == 3 else super().forward(x)
 
 
-def make_backbone(spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False) -> nn.Module:
+def make_backbone(
+    spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False, num_classes: int = 0
+) -> nn.Module:
     """Build a backbone (features only, ``num_classes=0``) from its spec.
 
     Args:
         spec: The shape.
         pretrained: For a timm name, ask timm for its pre-trained weights (this **downloads**; only
             the paper preset does it). For the tiny ViT it must be False: use :func:`load_backbone`
-            for the shipped checkpoint.
+            for the shipped checkpoint; the real-small CNN's weights come from
+            :func:`compolab.real.load_efficientnet_lite0`.
+        num_classes: A timm model's classifier (0: none, the features).
 
     Returns:
-        A timm ``VisionTransformer`` in eval mode whose ``forward`` returns CLS features.
+        A timm model in eval mode whose ``forward`` returns features (a ViT's CLS token; a CNN's
+        pooled features).
     """
     import timm
     from timm.models.vision_transformer import VisionTransformer
@@ -158,19 +164,27 @@ def make_backbone(spec: BackboneSpec = TINY_VIT, *, pretrained: bool = False) ->
         )
         model.patch_embed.proj = conv_stem(spec.embed_dim, spec.patch_size)
     else:
-        model = timm.create_model(
-            spec.timm_name, pretrained=pretrained, num_classes=0, img_size=spec.img_size
-        )
+        size = {"img_size": spec.img_size} if spec.timm_name.startswith("vit") else {}  # CNNs take any size
+        model = timm.create_model(spec.timm_name, pretrained=pretrained, num_classes=num_classes, **size)
     return model.eval()
 
 
 def tuned_weight_names(model: nn.Module) -> list[str]:
     """Names of the weights a module tunes: ``attn.qkv``, ``attn.proj``, ``mlp.fc1``, ``mlp.fc2``.
 
-    Taken from the model itself (every block, whatever the depth), never from a layer count.
+    Taken from the model itself (every block, whatever the depth), never from a layer count. A
+    model without ViT blocks (a CNN) tunes its pointwise convolutions instead: every ``Conv2d``
+    with a 1×1 kernel, stride 1, no grouping and no bias (:func:`is_pointwise`), in model order.
     """
     suffixes = ("attn.qkv.weight", "attn.proj.weight", "mlp.fc1.weight", "mlp.fc2.weight")
-    return [n for n, _ in model.named_parameters() if n.startswith("blocks.") and n.endswith(suffixes)]
+    names = [n for n, _ in model.named_parameters() if n.startswith("blocks.") and n.endswith(suffixes)]
+    return names or [f"{m}.weight" for m, mod in model.named_modules() if is_pointwise(mod)]
+
+
+def is_pointwise(module: nn.Module) -> bool:
+    """A 1×1 ``Conv2d`` (stride 1, one group, no padding, no bias): a linear map at every pixel."""
+    return (isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.stride == (1, 1)
+            and module.groups == 1 and module.padding in ((0, 0), "valid") and module.bias is None)
 
 
 def theta0_of(model: nn.Module, names: Sequence[str] | None = None) -> dict[str, Tensor]:

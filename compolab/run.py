@@ -60,7 +60,7 @@ class RunConfig:
 
     Attributes:
         method: A name of ``compolab.methods.METHODS``.
-        preset: ``tiny`` or ``paper``.
+        preset: ``tiny``, ``paper`` or ``real-small``.
         dataset: Benchmark name; default: the preset's.
         finetune: Per-task fine-tuning hyper-parameters (style, epochs, lr, ...).
         method_cfg: The method's own knobs (α, β, ablation, head pipeline).
@@ -86,6 +86,9 @@ class RunConfig:
         if curvature not in accepted:  # ITA and IEL name theirs; any other method has the diagonal only
             raise ConfigError(f"`curvature` {curvature!r}: `method` {self.method!r} takes only "
                               f"{list(accepted)}")  # fmt: skip
+        if curvature == "kfac" and self.preset == "real-small":
+            raise ConfigError("`curvature` 'kfac': its factors cover Linear layers, and the real-small "
+                              "preset's modules are on 1×1 convolutions; use 'diag'")  # fmt: skip
         if curvature == "kfac" and self.method_cfg.fisher_top_k is not None:
             raise ConfigError("`curvature` 'kfac' takes no `fisher_top_k` (a knob of the diagonal Fisher)")
 

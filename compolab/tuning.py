@@ -87,7 +87,7 @@ class TaskModule(nn.Module):
         Args:
             style: ``"full"``, ``"lora"`` or ``"ia3"``.
             theta0: Pre-trained weights :math:`\\theta_0` (at least the targets).
-            names: Target weight names, 2-D each.
+            names: Target weight names, 2-D each (or 1×1 convolutions, ``(out, in, 1, 1)``).
             rank: LoRA rank :math:`r` (``3r`` on ``attn.qkv``); ignored by the other styles.
             generator: Random source of LoRA's ``A`` (on ``theta0``'s device).
 
@@ -226,7 +226,7 @@ class LoRAModule(TaskModule):
         return {"lora_A": self.lora_A, "lora_B": self.lora_B}
 
     def delta_weight(self, i: int, w0: Tensor) -> Tensor:
-        return self.lora_B[i] @ self.lora_A[i]  # (out, r') @ (r', in) -> (out, in)
+        return (self.lora_B[i] @ self.lora_A[i]).view(w0.shape)  # (out, r') @ (r', in) -> (out, in)
 
     @staticmethod
     def effective_rank(name: str, rank: int) -> int:
@@ -237,7 +237,7 @@ class LoRAModule(TaskModule):
     def initial_tensors(
         cls, name: str, w0: Tensor, *, rank: int, generator: torch.Generator | None
     ) -> tuple[Tensor, ...]:
-        out_features, in_features = w0.shape
+        out_features, in_features = w0.shape[0], w0[0].numel()  # a 1×1 conv: (out, in, 1, 1)
         r = cls.effective_rank(name, rank)
         bound = 1.0 / math.sqrt(r * in_features)
         a = torch.empty(r, in_features, dtype=w0.dtype, device=w0.device)
@@ -262,7 +262,8 @@ class IA3Module(TaskModule):
         return {"ia3_l": self.ia3_l}
 
     def delta_weight(self, i: int, w0: Tensor) -> Tensor:
-        return w0 * (self.ia3_l[i] - 1)[:, None]  # (out, in) * (out, 1): scales output rows
+        scale = (self.ia3_l[i] - 1).view(-1, *[1] * (w0.ndim - 1))  # (out, 1) or (out, 1, 1, 1)
+        return w0 * scale  # scales the output rows (channels)
 
     @classmethod
     def initial_tensors(
@@ -289,10 +290,16 @@ def _parameter_list(names: Sequence[str], tensors: Sequence[Tensor], role: str) 
     return nn.ParameterList([nn.Parameter(t) for t in tensors])
 
 
+def _is_matrix(w: Tensor) -> bool:
+    """2-D, or a 1×1 convolution's ``(out, in, 1, 1)``: a matrix in either case."""
+    return w.ndim == 2 or (w.ndim == 4 and w.shape[2:] == (1, 1))
+
+
 def _check_targets(theta0: Mapping[str, Tensor], names: Sequence[str]) -> None:
     missing = [n for n in names if n not in theta0]
-    not_2d = [n for n in names if n in theta0 and theta0[n].ndim != 2]
+    not_2d = [n for n in names if n in theta0 and not _is_matrix(theta0[n])]
     if missing or not_2d:
         raise ConfigError(
-            f"targets must be 2-D weights of theta0; missing {missing}, not 2-D {not_2d}"
+            f"targets must be 2-D weights (or 1×1 convolutions) of theta0; missing {missing}, "
+            f"not 2-D {not_2d}"
         )

@@ -67,7 +67,7 @@ def test_console_entry_point_has_no_traceback():
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "compolab: error: --preset 'nope' is unknown; choose one of ['paper', 'tiny']"
+        "compolab: error: --preset 'nope' is unknown; choose one of ['paper', 'real-small', 'tiny']"
     ]
 
 

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=_seed, default=0, help="random seed, 0 <= seed < 2**32")
 
     p = sub.add_parser("world", parents=[common], help="the tiny world: split, timing, probe")
-    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--preset", default=None, help="tiny (default), paper or real-small")
     p.add_argument(
         "--probe",
         action="store_true",
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=commands.cmd_pretrain)
 
     p = sub.add_parser("data", parents=[common], help="describe a class-incremental benchmark")
-    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--preset", default=None, help="tiny (default), paper or real-small")
     p.add_argument("--dataset", default=None, help="tiny, cifar100, imagenet-r, cub200, ...")
     p.add_argument("--root", default=None, help="folder of the real datasets ($COMPOLAB_DATA)")
     p.add_argument("--download", action="store_true", help="let torchvision download CIFAR-100")
@@ -123,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train a method on a class-incremental benchmark")
     p.add_argument("--method", required=True, help="ita, iel, seq, naive, ewc, joint or tmc")
     p.add_argument("--tuning", default="lora", help="full, lora or ia3")
-    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--preset", default=None, help="tiny (default), paper or real-small")
     p.add_argument("--dataset", default=None, help="benchmark; default: the preset's")
     p.add_argument("--alpha", type=_non_negative, default=None, help="alpha of ITA (Eq. 11)")
     p.add_argument("--beta", type=_non_negative, default=None, help="beta of IEL (Eq. 18/19)")
@@ -220,10 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reproduce", parents=[common],
                        help="every run, table (figures/tables) and figure; cached and resumable")  # fmt: skip
-    p.add_argument("--preset", default=None, help="tiny (default) or paper")
+    p.add_argument("--preset", default=None, help="tiny (default), paper or real-small")
     p.add_argument("--seeds", type=_positive(int), default=3, help="seeds of the rows with asserted claims")
-    p.add_argument("--out", default="figures", help="figures folder; tables go to <out>/tables")
-    p.add_argument("--cache", default="runs/reproduce", help="run folders and cached measurements")
+    p.add_argument("--out", default=None,
+                   help="figures folder; tables go to <out>/tables (default: figures, figures/<preset> "
+                        "for another preset)")  # fmt: skip
+    p.add_argument("--cache", default=None,
+                   help="run folders and cached measurements (default: runs/reproduce, "
+                        "runs/reproduce-<preset> for another preset)")  # fmt: skip
     p.add_argument("--plan", action="store_true", help="list the jobs and their estimated cost; run nothing")
     p.add_argument("--workers", type=_positive(int), default=2, help="processes, one thread each")
     p.add_argument("--tasks", dest="num_tasks", type=_positive(int), default=None, metavar="N",

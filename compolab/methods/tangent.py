@@ -15,6 +15,10 @@ validation FA of the linearised composition, %; `compolab.measure.composed_accur
 | 12 | – | 75.3 | – |
 
 8 epochs at lr 3e-2 (test FA 75.0 vs 62.1 at the default) is the tiny preset's TMC schedule.
+
+**real-small schedule**, chosen the same way on Split Fashion-MNIST's 5 tasks (LoRA, seed 0,
+validation FA, %): 2 epochs at lr 1e-3 (the preset's) 25.9, 1e-2 45.1, 3e-2 46.2; 4 epochs at
+1e-2 **47.5**, at 3e-2 39.7; 8 epochs at 1e-2 41.5.
 """
 
 from __future__ import annotations
@@ -40,7 +44,8 @@ class TMC(MergedMethod):
     label = "TMC"
     editable = True
     linearised = True
-    finetune_overrides = {"tiny": {"epochs": 8, "lr": 3e-2}}  # chosen on the validation split (above)
+    finetune_overrides = {"tiny": {"epochs": 8, "lr": 3e-2},  # chosen on the validation split (above)
+                          "real-small": {"epochs": 4, "lr": 1e-2}}  # fmt: skip
 
     def train(self, ctx: TaskContext, t: int) -> PoolEntry:
         task, tmc = ctx.bench.tasks[t], TMCConfig()

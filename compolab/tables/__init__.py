@@ -35,7 +35,7 @@ from compolab.tables.build import (
     unlearning_table,
 )
 from compolab.tables.policy import CLAIM_METHODS, SAME_RUN, TABLE_METHODS
-from compolab.tables.table import Stat, Table, read_table, write_table
+from compolab.tables.table import Stat, Table, read_table, side_by_side, write_table
 
 __all__ = [
     "Stat",
@@ -47,6 +47,7 @@ __all__ = [
     "specialization_table",
     "write_table",
     "read_table",
+    "side_by_side",
     "TABLE_METHODS",
     "CLAIM_METHODS",
     "SAME_RUN",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compolab.io import atomic_write
 
-__all__ = ["Stat", "Table", "read_table", "write_table"]
+__all__ = ["Stat", "Table", "read_table", "write_table", "side_by_side"]
 
 
 @dataclass(frozen=True)
@@ -150,3 +150,40 @@ def read_table(path: str | Path, title: str = "") -> Table:
                 row[c] = next(cells)
         rows.append(row)
     return Table(title or path.stem, columns, rows)
+
+
+def side_by_side(tables: dict[str, Table], title: str, columns: Iterable[str] | None = None) -> Table:
+    """One table of several worlds' tables of the same shape: ``"<world> <column>"`` statistic columns.
+
+    Rows are matched on the label columns of the first table (its columns that hold no
+    :class:`Stat`), in the order of first appearance; a row or column one world lacks is ``None``
+    there.
+
+    Args:
+        tables: ``world -> table``, e.g. ``{"tiny10": …, "real-small": …}``.
+        title: The new table's title.
+        columns: The statistic columns to keep (default: every one of the first table).
+
+    Examples:
+        >>> a = Table("a", ["method", "lora"], [{"method": "ITA", "lora": Stat(56.5, 0.7, 3)}])
+        >>> b = Table("b", ["method", "lora"], [{"method": "ITA", "lora": Stat(35.6, 0.0, 1)}])
+        >>> t = side_by_side({"tiny10": a, "real-small": b}, "both")
+        >>> t.columns, t.select(method="ITA")["real-small lora"].mean
+        (['method', 'tiny10 lora', 'real-small lora'], 35.6)
+    """
+    first = next(iter(tables.values()))
+    labels = [c for c in first.columns if not any(isinstance(r.get(c), Stat) for r in first.rows)]
+    stats = list(columns) if columns is not None else [c for c in first.columns if c not in labels]
+    keys: list[tuple] = []
+    for table in tables.values():
+        keys += [k for k in (tuple(r.get(c) for c in labels) for r in table.rows) if k not in keys]
+    rows = []
+    for key in keys:
+        row: dict = dict(zip(labels, key, strict=True))
+        for world, table in tables.items():
+            found = [r for r in table.rows if tuple(r.get(c) for c in labels) == key]
+            for c in stats:
+                row[f"{world} {c}"] = found[0].get(c) if found else None
+        rows.append(row)
+    names = [f"{w} {c}" for c in stats for w in tables]  # each column, every world beside each other
+    return Table(title, labels + names, rows, first.digits)
