@@ -256,3 +256,5 @@ def test_reproduce_on_real_small_writes_beside_the_tiny_tables(tmp_path, monkeyp
     runs = [j for j in jobs if j.kind == "run"]
     assert runs and all(j.args["config"]["preset"] == "real-small" for j in runs)
     assert not [j.name for j in jobs if "kfac" in j.name or j.kind in ("merges", "curvature")]
+    with pytest.raises(ConfigError, match="`kfac`"):
+        reproduce_pkg.ReproduceConfig(preset="real-small", kfac=True, notebooks=None)

@@ -304,20 +304,14 @@ def cmd_reproduce(args: argparse.Namespace) -> None:
     from compolab.reproduce import ReproduceConfig, format_plan, plan, reproduce
 
     notebooks = args.notebooks
-    tiny = args.preset in (None, "tiny")
-    if notebooks is None and tiny and Path("notebooks").is_dir():
+    if notebooks is None and args.preset in (None, "tiny") and Path("notebooks").is_dir():
         notebooks = "notebooks"  # the course notebooks run on the tiny preset only
-    # another preset's tables and runs go beside the tiny ones, never over them; real-small's CNN
-    # has no K-FAC rows (its modules are convolutions) and no merging tables
-    out = args.out or ("figures" if tiny else f"figures/{args.preset}")
-    cache = args.cache or ("runs/reproduce" if tiny else f"runs/reproduce-{args.preset}")
-    extras = args.preset != "real-small"
-    cfg = ReproduceConfig(
+    cfg = ReproduceConfig(  # a flag not given leaves the preset's default (ReproduceConfig)
         **{k: v for k, v in (("preset", args.preset), ("methods", _names(args.methods)),
                              ("styles", _names(args.styles))) if v is not None},
-        seeds=args.seeds, out=out, cache=cache, workers=args.workers,
+        seeds=args.seeds, out=args.out, cache=args.cache, workers=args.workers,
         notebooks=None if args.no_notebooks else notebooks, num_tasks=args.num_tasks, epochs=args.epochs,
-        device=args.device, merges=extras and not args.no_merges, kfac=extras and not args.no_kfac,
+        device=args.device, merges=False if args.no_merges else None, kfac=False if args.no_kfac else None,
     )  # fmt: skip
     if args.plan:
         jobs = plan(cfg)

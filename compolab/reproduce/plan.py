@@ -65,10 +65,12 @@ class ReproduceConfig:
     """What ``compolab reproduce`` makes.
 
     Attributes:
-        preset: ``tiny`` or ``paper``.
+        preset: ``tiny``, ``paper`` or ``real-small``.
         seeds: Seeds of the runs that carry asserted claims (the others: seed 0).
-        out: Figures folder; the tables go to ``<out>/tables``.
-        cache: Run folders and cached measurements.
+        out: Figures folder; the tables go to ``<out>/tables`` (default ``figures``, and
+            ``figures/<preset>`` for another preset than tiny: its tables never overwrite tiny's).
+        cache: Run folders and cached measurements (default ``runs/reproduce``, and
+            ``runs/reproduce-<preset>`` for another preset).
         workers: Processes (one thread each); 1 runs every job in this process.
         notebooks: Folder of the notebooks to execute (None: none).
         num_tasks: Tasks per run (default: all tasks of the benchmark).
@@ -80,9 +82,10 @@ class ReproduceConfig:
         device: Training device (``cpu``, ``cuda``, ``auto``).
         negate_coef: γ of negated modules, relative to the kept ones' weight.
         merges: Merge the pools of :data:`~compolab.tables.policy.MERGED_POOLS` every way
-            (:mod:`compolab.merging`) for the merging tables.
+            (:mod:`compolab.merging`) for the merging tables (default: yes, but on real-small).
         kfac: Train the rows of :data:`~compolab.tables.policy.CURVATURE_ROWS` again with K-FAC
-            curvature (needs curvlinops).
+            curvature (needs curvlinops; default: yes, but on real-small, whose modules are
+            convolutions that K-FAC does not cover).
 
     Raises:
         ConfigError: For a bad field; the message names it in backticks (``seeds``, ...).
@@ -90,8 +93,8 @@ class ReproduceConfig:
 
     preset: str = "tiny"
     seeds: int = 3
-    out: str = "figures"
-    cache: str = "runs/reproduce"
+    out: str | None = None
+    cache: str | None = None
     workers: int = 2
     notebooks: str | None = "notebooks"
     num_tasks: int | None = None
@@ -102,11 +105,21 @@ class ReproduceConfig:
     edit_style: str = "lora"
     device: str = "cpu"
     negate_coef: float = 1.0
-    merges: bool = True
-    kfac: bool = True
+    merges: bool | None = None
+    kfac: bool | None = None
 
     def __post_init__(self) -> None:
         get_preset(self.preset)
+        tiny, linear = self.preset == "tiny", self.preset != "real-small"
+        defaults = {"out": "figures" if tiny else f"figures/{self.preset}",
+                    "cache": "runs/reproduce" if tiny else f"runs/reproduce-{self.preset}",
+                    "merges": linear, "kfac": linear}  # fmt: skip
+        for f, value in defaults.items():
+            if getattr(self, f) is None:
+                object.__setattr__(self, f, value)  # frozen: resolved once, here
+        if self.kfac and not linear:
+            raise ConfigError(f"`kfac`: the {self.preset} preset's modules are 1×1 convolutions, which "
+                              "K-FAC does not cover")  # fmt: skip
         for f in ("seeds", "workers", "num_tasks", "epochs"):
             if getattr(self, f) is not None and getattr(self, f) < 1:
                 raise ConfigError(f"`{f}` must be >= 1, got {getattr(self, f)}")
@@ -131,10 +144,10 @@ class ReproduceConfig:
             >>> ReproduceConfig(seeds=1, num_tasks=2, styles=("lora",), notebooks=None).command()
             'compolab reproduce --seeds 1 --tasks 2 --styles lora'
         """
-        default, parts = ReproduceConfig(notebooks=None), ["compolab reproduce"]
+        default, parts = ReproduceConfig(self.preset, notebooks=None), ["compolab reproduce"]
         for f in _COMMAND_FIELDS:
             value = getattr(self, f)
-            if value != getattr(default, f):
+            if value != (getattr(default, f) if f != "preset" else "tiny"):
                 flag = CLI_FLAGS.get(f, "--" + f.replace("_", "-"))
                 parts.append(f"{flag} {','.join(value) if isinstance(value, tuple) else value}")
         return " ".join(parts)
